@@ -1,0 +1,172 @@
+//! `berth run`: the daemon's wiring, top to bottom.
+//!
+//! 1. listeners: from systemd socket activation, or bound from the config;
+//! 2. shared handles the proxy serves from (health, certificates, ACME challenges);
+//! 3. the `:80` and `:443` servers;
+//! 4. READY=1 and the watchdog;
+//! 5. wait for SIGTERM/SIGINT, then the stop sequence: health 503, `drain_delay` (so the
+//!    ALB notices), close the listeners, finish in-flight requests up to `drain_timeout`.
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::process::ExitCode;
+use std::sync::Arc;
+
+use anyhow::Context;
+use berth_proxy::challenge::ChallengeResponder;
+use berth_proxy::health::Health;
+use berth_proxy::server::{self, Limits};
+use berth_proxy::tls::{self, CertStore};
+use tokio::net::TcpListener;
+use tokio::signal::unix::{signal, SignalKind};
+use tokio_util::sync::CancellationToken;
+
+use crate::config::Config;
+use crate::state;
+use crate::systemd;
+
+pub fn main(config: Config, path: PathBuf) -> ExitCode {
+    // rustls needs one process-wide crypto provider; aws-lc-rs is the one we build with.
+    let _ = rustls::crypto::aws_lc_rs::default_provider().install_default();
+    let runtime = match tokio::runtime::Builder::new_multi_thread().enable_all().build() {
+        Ok(rt) => rt,
+        Err(e) => {
+            tracing::error!(error = %e, "cannot start the async runtime");
+            return ExitCode::FAILURE;
+        }
+    };
+    match runtime.block_on(run(config, path)) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            tracing::error!(error = format!("{e:#}"), "fatal");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+async fn run(config: Config, path: PathBuf) -> anyhow::Result<()> {
+    tracing::info!(config = %path.display(), version = crate::VERSION_LINE.lines().next(), "berth starting");
+
+    // 1. Listeners first: the earliest moment the load balancer can reach us.
+    let (http_listener, https_listener) = listeners(&config)?;
+    let https_port = https_listener.local_addr()?.port();
+    tracing::info!(http = %http_listener.local_addr()?, https = %https_listener.local_addr()?, "listening");
+
+    // 2. Shared state the proxy serves from.
+    let health = Health::new();
+    for app in config.apps.keys() {
+        // Not healthy until supervision says so: the health path answers 503 meanwhile.
+        health.set(app, Some("starting: container supervision is not available in this build yet".into()));
+    }
+    let challenges = ChallengeResponder::new();
+    let certs = CertStore::new();
+    let self_signed = tls::self_signed(&config.tls.domains).context("creating the self-signed certificate")?;
+    certs.install(&config.tls.domains, self_signed.key);
+    state::prepare(&config.agent.state_dir)?;
+    // The certificate (public, never the key) goes to disk so a client can pin it with
+    // `curl --cacert`; it changes at every start.
+    state::write_public(&config.agent.state_dir.join("self-signed.crt"), self_signed.cert_pem.as_bytes())?;
+    let tls_config = certs.server_config()?;
+
+    // 3. Servers. They run until `shutdown` fires, then drain.
+    let shutdown = CancellationToken::new();
+    let drain = config.agent.drain_timeout.0;
+    let http_server = tokio::spawn(server::serve(
+        http_listener,
+        None,
+        Limits::default(),
+        Arc::new(berth_proxy::http80::PlainHttp {
+            health_path: config.http.health_path.clone(),
+            health: health.clone(),
+            challenges: challenges.clone(),
+            https_port,
+        }),
+        shutdown.clone(),
+        drain,
+    ));
+    let https_server = tokio::spawn(server::serve(
+        https_listener,
+        Some(tls_config),
+        Limits::default(),
+        Arc::new(berth_proxy::https::Https {
+            health_path: config.http.health_path.clone(),
+            health: health.clone(),
+        }),
+        shutdown.clone(),
+        drain,
+    ));
+
+    // 4. Ready: listeners are up. (Supervision will start here too once it exists.)
+    systemd::ready(&status_line(&config, &health));
+    if let Some(period) = systemd::spawn_watchdog() {
+        tracing::info!(period = ?period, "systemd watchdog armed");
+    }
+    tracing::info!("ready");
+
+    // 5. Wait for a stop signal. SIGHUP is handled so it does not kill us (its default
+    //    action); config reload arrives with packaging.
+    let mut sigterm = signal(SignalKind::terminate())?;
+    let mut sigint = signal(SignalKind::interrupt())?;
+    let mut sighup = signal(SignalKind::hangup())?;
+    let signal_name = loop {
+        tokio::select! {
+            _ = sigterm.recv() => break "SIGTERM",
+            _ = sigint.recv() => break "SIGINT",
+            _ = sighup.recv() => tracing::warn!("SIGHUP: config reload is not available in this build yet; restart berth to apply a new config"),
+        }
+    };
+
+    // The stop sequence. The app container keeps running so a restarted berth adopts it.
+    let delay = config.agent.drain_delay.0;
+    tracing::info!(signal = signal_name, drain_delay = ?delay, drain_timeout = ?drain, "stopping: health now answers 503");
+    health.start_draining();
+    systemd::stopping(&format!("stopping: draining for {}", config.agent.drain_delay));
+    tokio::time::sleep(delay).await;
+    tracing::info!("closing listeners; finishing in-flight requests");
+    shutdown.cancel();
+    let _ = tokio::join!(http_server, https_server);
+    tracing::info!("stopped");
+    Ok(())
+}
+
+/// Socket-activated listeners by name, else bind the configured addresses.
+fn listeners(config: &Config) -> anyhow::Result<(TcpListener, TcpListener)> {
+    let mut activated = systemd::activated_listeners()?;
+    let mut take = |name: &str, addr: &str| -> anyhow::Result<TcpListener> {
+        let std_listener = match activated.remove(name) {
+            Some(l) => {
+                tracing::info!(listener = name, addr = ?l.local_addr().ok(), "using socket from systemd");
+                l
+            }
+            None => bind(addr).with_context(|| format!("binding {name} listener {addr}"))?,
+        };
+        Ok(TcpListener::from_std(std_listener)?)
+    };
+    let http = take("http", &config.http.listen)?;
+    let https = take("https", &config.https.listen)?;
+    for (name, _) in activated {
+        tracing::warn!(name, "ignoring an unexpected socket-activated descriptor");
+    }
+    Ok((http, https))
+}
+
+fn bind(addr: &str) -> anyhow::Result<std::net::TcpListener> {
+    let addr: SocketAddr = addr.parse().context("invalid address")?;
+    let l = std::net::TcpListener::bind(addr)?;
+    l.set_nonblocking(true)?;
+    Ok(l)
+}
+
+/// What `systemctl status berth` shows: the one thing an operator needs to know.
+fn status_line(config: &Config, health: &Health) -> String {
+    if config.apps.is_empty() {
+        return "serving: no apps configured".into();
+    }
+    let unhealthy = health.unhealthy();
+    if unhealthy.is_empty() {
+        format!("serving {}", config.apps.keys().cloned().collect::<Vec<_>>().join(", "))
+    } else {
+        let waiting: Vec<String> = unhealthy.iter().map(|(app, why)| format!("{app} ({why})")).collect();
+        format!("waiting for {}", waiting.join(", "))
+    }
+}

@@ -1,0 +1,191 @@
+//! Accept loops with the limits a public listener needs, and a graceful stop.
+//!
+//! One function, [`serve`], runs a listener (plain or TLS) until its shutdown token fires,
+//! then stops accepting, tells every connection to finish its in-flight requests, and waits
+//! for them (and for upgraded tunnels such as WebSockets) up to a deadline.
+
+use std::future::Future;
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::Duration;
+
+use hyper::body::Incoming;
+use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
+use hyper_util::server::conn::auto;
+use tokio::net::TcpListener;
+use tokio::sync::Semaphore;
+use tokio_util::either::Either;
+use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
+
+use crate::Body;
+
+/// Protection against slow and greedy clients.
+#[derive(Debug, Clone)]
+pub struct Limits {
+    /// Time allowed for a request's head, counted from when the connection starts waiting
+    /// for it. hyper starts this clock at the end of the previous response, so it is also
+    /// the keep-alive idle timeout for HTTP/1.1. Keep it above the load balancer's idle
+    /// timeout (ALB: 60 s), or the ALB reuses a connection we just closed and answers 502.
+    pub header_read_timeout: Duration,
+    /// TLS handshake deadline: a client that opens a socket and says nothing is dropped.
+    pub handshake_timeout: Duration,
+    /// Maximum size of a request head (request line + headers), in bytes.
+    pub max_header_bytes: usize,
+    /// Connections served at once; more wait in the kernel's accept queue.
+    pub max_connections: usize,
+    /// HTTP/2 PING interval; a peer that stops answering is disconnected.
+    pub h2_keep_alive: Duration,
+}
+
+impl Default for Limits {
+    fn default() -> Self {
+        Limits {
+            header_read_timeout: Duration::from_secs(75),
+            handshake_timeout: Duration::from_secs(10),
+            max_header_bytes: 64 * 1024,
+            max_connections: 10_000,
+            h2_keep_alive: Duration::from_secs(30),
+        }
+    }
+}
+
+/// What a handler knows about the connection a request came on.
+#[derive(Debug, Clone)]
+pub struct ConnInfo {
+    pub peer: SocketAddr,
+    pub local: SocketAddr,
+    pub tls: bool,
+    /// Spawn long-lived work tied to this listener (upgraded tunnels) here, so a graceful
+    /// stop waits for it.
+    pub tasks: TaskTracker,
+}
+
+/// A request handler. Implementations never fail: errors become responses.
+pub trait Handler: Send + Sync + 'static {
+    fn handle(
+        &self,
+        req: http::Request<Incoming>,
+        conn: &ConnInfo,
+    ) -> impl Future<Output = http::Response<Body>> + Send;
+}
+
+/// Serves `listener` with `handler` until `shutdown` fires, then drains for up to `drain`.
+///
+/// With `tls` set, connections are TLS with ALPN (h2 or http/1.1); without, plain HTTP/1.1
+/// (and h2c prior knowledge, which hyper-util's auto builder detects for free).
+pub async fn serve<H: Handler>(
+    listener: TcpListener,
+    tls: Option<Arc<rustls::ServerConfig>>,
+    limits: Limits,
+    handler: Arc<H>,
+    shutdown: CancellationToken,
+    drain: Duration,
+) {
+    let local = listener.local_addr().unwrap_or_else(|_| ([0, 0, 0, 0], 0).into());
+    let acceptor = tls.map(tokio_rustls::TlsAcceptor::from);
+    let tasks = TaskTracker::new();
+    let permits = Arc::new(Semaphore::new(limits.max_connections));
+    let builder = Arc::new(http_builder(&limits));
+
+    loop {
+        // Take a connection slot before accepting: at the limit, new clients queue in the
+        // kernel instead of being accepted and starved.
+        let permit = tokio::select! {
+            p = permits.clone().acquire_owned() => p.expect("semaphore is never closed"),
+            _ = shutdown.cancelled() => break,
+        };
+        let (stream, peer) = tokio::select! {
+            r = listener.accept() => match r {
+                Ok(x) => x,
+                Err(e) => {
+                    // EMFILE and friends: log, breathe, go on. Never exit the accept loop.
+                    tracing::warn!(error = %e, %local, "accept failed");
+                    tokio::time::sleep(Duration::from_millis(50)).await;
+                    continue;
+                }
+            },
+            _ = shutdown.cancelled() => break,
+        };
+        let _ = stream.set_nodelay(true);
+        let conn = ConnInfo {
+            peer,
+            local,
+            tls: acceptor.is_some(),
+            tasks: tasks.clone(),
+        };
+        let handler = handler.clone();
+        let builder = builder.clone();
+        let acceptor = acceptor.clone();
+        let shutdown = shutdown.clone();
+        let handshake_timeout = limits.handshake_timeout;
+        tasks.spawn(async move {
+            let _permit = permit;
+            let service = {
+                let conn = conn.clone();
+                hyper::service::service_fn(move |req| {
+                    let handler = handler.clone();
+                    let conn = conn.clone();
+                    async move { Ok::<_, std::convert::Infallible>(handler.handle(req, &conn).await) }
+                })
+            };
+            let io = match acceptor {
+                Some(acceptor) => tokio::select! {
+                    r = tokio::time::timeout(handshake_timeout, acceptor.accept(stream)) => match r {
+                        Ok(Ok(s)) => Either::Right(s),
+                        Ok(Err(e)) => {
+                            tracing::debug!(%peer, error = %e, "TLS handshake failed");
+                            return;
+                        }
+                        Err(_) => {
+                            tracing::debug!(%peer, "TLS handshake timed out");
+                            return;
+                        }
+                    },
+                    _ = shutdown.cancelled() => return,
+                },
+                None => Either::Left(stream),
+            };
+            let conn = builder.serve_connection_with_upgrades(TokioIo::new(io), service);
+            tokio::pin!(conn);
+            // On shutdown, ask the connection to finish in-flight requests (HTTP/1.1 closes
+            // after the current response, HTTP/2 sends GOAWAY) and wait for that.
+            let result = tokio::select! {
+                r = conn.as_mut() => r,
+                _ = shutdown.cancelled() => {
+                    conn.as_mut().graceful_shutdown();
+                    conn.await
+                }
+            };
+            if let Err(e) = result {
+                tracing::debug!(%peer, error = %e, "connection ended with an error");
+            }
+        });
+    }
+
+    // Stop accepting: dropping the listener closes the socket (a systemd-provided socket
+    // stays open in systemd, which queues new connections for our successor).
+    drop(listener);
+    tasks.close();
+    let drained = tokio::time::timeout(drain, tasks.wait()).await;
+    match drained {
+        Ok(()) => tracing::debug!(%local, "listener drained"),
+        Err(_) => tracing::warn!(%local, remaining = tasks.len(), "drain deadline reached; closing remaining connections"),
+    }
+}
+
+fn http_builder(limits: &Limits) -> auto::Builder<TokioExecutor> {
+    let mut b = auto::Builder::new(TokioExecutor::new());
+    b.http1()
+        .timer(TokioTimer::new())
+        .header_read_timeout(limits.header_read_timeout)
+        .max_buf_size(limits.max_header_bytes.max(8192))
+        .keep_alive(true);
+    b.http2()
+        .timer(TokioTimer::new())
+        .keep_alive_interval(limits.h2_keep_alive)
+        .keep_alive_timeout(Duration::from_secs(20))
+        .max_header_list_size(limits.max_header_bytes as u32)
+        .max_concurrent_streams(250);
+    b
+}
