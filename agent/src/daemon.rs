@@ -14,7 +14,9 @@ use std::sync::Arc;
 
 use anyhow::Context;
 use berth_proxy::challenge::ChallengeResponder;
+use berth_proxy::forward::{ForwardLimits, Forwarder};
 use berth_proxy::health::Health;
+use berth_proxy::routes::{Route, RouteTable, Router};
 use berth_proxy::server::{self, Limits};
 use berth_proxy::tls::{self, CertStore};
 use tokio::net::TcpListener;
@@ -67,6 +69,8 @@ async fn run(config: Config, path: PathBuf) -> anyhow::Result<()> {
     // `curl --cacert`; it changes at every start.
     state::write_public(&config.agent.state_dir.join("self-signed.crt"), self_signed.cert_pem.as_bytes())?;
     let tls_config = certs.server_config()?;
+    let router = Router::new();
+    router.set_routes(route_table(&config));
 
     // 3. Servers. They run until `shutdown` fires, then drain.
     let shutdown = CancellationToken::new();
@@ -91,6 +95,9 @@ async fn run(config: Config, path: PathBuf) -> anyhow::Result<()> {
         Arc::new(berth_proxy::https::Https {
             health_path: config.http.health_path.clone(),
             health: health.clone(),
+            router: router.clone(),
+            forwarder: Forwarder::new(ForwardLimits::default()),
+            observer: None,
         }),
         shutdown.clone(),
         drain,
@@ -155,6 +162,28 @@ fn bind(addr: &str) -> anyhow::Result<std::net::TcpListener> {
     let l = std::net::TcpListener::bind(addr)?;
     l.set_nonblocking(true)?;
     Ok(l)
+}
+
+/// The config's routes as the proxy's table. Validation already rejected malformed and
+/// duplicate routes and a second catch-all app.
+fn route_table(config: &Config) -> RouteTable {
+    let mut routes = Vec::new();
+    let mut catch_all = None;
+    for (name, app) in &config.apps {
+        if app.routes.is_empty() {
+            catch_all = Some(Arc::from(name.as_str()));
+        }
+        for r in &app.routes {
+            if let Ok((host, prefix)) = crate::config::parse_route(r) {
+                routes.push(Route {
+                    host,
+                    prefix,
+                    app: Arc::from(name.as_str()),
+                });
+            }
+        }
+    }
+    RouteTable::new(routes, catch_all)
 }
 
 /// What `systemctl status berth` shows: the one thing an operator needs to know.

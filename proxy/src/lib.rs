@@ -12,9 +12,11 @@
 //! stalls traffic.
 
 pub mod challenge;
+pub mod forward;
 pub mod health;
 pub mod http80;
 pub mod https;
+pub mod routes;
 pub mod server;
 pub mod tls;
 

@@ -1,0 +1,251 @@
+//! Forwarding one request to an app container over a pooled HTTP/1.1 connection.
+//!
+//! Bodies stream in both directions (a 100 MB upload never sits in our memory), hop-by-hop
+//! headers are dropped, `X-Forwarded-*` are set, and `Upgrade` requests (WebSocket) become a
+//! byte tunnel once the app answers 101. HTTP/2 clients are forwarded as HTTP/1.1, which is
+//! what app servers speak best.
+
+use std::net::SocketAddr;
+use std::time::Duration;
+
+use http::header::{self, HeaderMap, HeaderName, HeaderValue};
+use http::{Request, Response, StatusCode, Uri, Version};
+use http_body_util::BodyExt;
+use hyper::body::Incoming;
+use hyper_util::client::legacy::connect::HttpConnector;
+use hyper_util::client::legacy::Client;
+use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
+
+use crate::routes::InFlight;
+use crate::server::ConnInfo;
+use crate::{text_response, Body};
+
+#[derive(Debug, Clone)]
+pub struct ForwardLimits {
+    /// Time to open a connection to the app. Loopback: anything slow means it is not there.
+    pub connect_timeout: Duration,
+    /// Time for the app to send its response head.
+    pub response_timeout: Duration,
+    /// How long an idle pooled connection is kept. Below common app keep-alive timeouts
+    /// (Node's default is 5 s) so we rarely reuse a connection the app is closing.
+    pub pool_idle_timeout: Duration,
+}
+
+impl Default for ForwardLimits {
+    fn default() -> Self {
+        ForwardLimits {
+            connect_timeout: Duration::from_secs(2),
+            response_timeout: Duration::from_secs(60),
+            pool_idle_timeout: Duration::from_secs(4),
+        }
+    }
+}
+
+#[derive(Clone)]
+pub struct Forwarder {
+    client: Client<HttpConnector, Incoming>,
+    limits: ForwardLimits,
+}
+
+/// Headers that describe one connection, not the message (RFC 9110 §7.6.1). Forwarding them
+/// would let a client steer our pooled upstream connections.
+const HOP_BY_HOP: [HeaderName; 8] = [
+    header::CONNECTION,
+    HeaderName::from_static("keep-alive"),
+    HeaderName::from_static("proxy-connection"),
+    header::PROXY_AUTHENTICATE,
+    header::PROXY_AUTHORIZATION,
+    header::TE,
+    header::TRAILER,
+    header::TRANSFER_ENCODING,
+];
+
+const X_FORWARDED_FOR: HeaderName = HeaderName::from_static("x-forwarded-for");
+const X_FORWARDED_PROTO: HeaderName = HeaderName::from_static("x-forwarded-proto");
+const X_FORWARDED_HOST: HeaderName = HeaderName::from_static("x-forwarded-host");
+
+impl Forwarder {
+    pub fn new(limits: ForwardLimits) -> Self {
+        let mut connector = HttpConnector::new();
+        connector.set_connect_timeout(Some(limits.connect_timeout));
+        connector.set_nodelay(true);
+        connector.enforce_http(true);
+        let client = Client::builder(TokioExecutor::new())
+            .pool_timer(TokioTimer::new())
+            .pool_idle_timeout(limits.pool_idle_timeout)
+            .pool_max_idle_per_host(256)
+            .http1_preserve_header_case(false)
+            .build(connector);
+        Forwarder { client, limits }
+    }
+
+    /// Sends `req` to `upstream` and returns the app's response (or an error page).
+    /// `in_flight` is released when the response body has been fully sent.
+    pub async fn forward(
+        &self,
+        mut req: Request<Incoming>,
+        upstream: SocketAddr,
+        host: &str,
+        conn: &ConnInfo,
+        in_flight: InFlight,
+    ) -> Response<Body> {
+        let upgrade = upgrade_protocol(&req);
+        // Must be taken before the request is moved: it resolves once our client's side of
+        // the connection is handed over after we answer 101.
+        let client_upgrade = upgrade.as_ref().map(|_| hyper::upgrade::on(&mut req));
+
+        let (mut parts, body) = req.into_parts();
+        let path_and_query = parts.uri.path_and_query().map_or("/", |pq| pq.as_str());
+        parts.uri = match Uri::builder()
+            .scheme("http")
+            .authority(upstream.to_string())
+            .path_and_query(path_and_query)
+            .build()
+        {
+            Ok(u) => u,
+            Err(_) => return text_response(StatusCode::BAD_REQUEST, "invalid request target"),
+        };
+        parts.version = Version::HTTP_11;
+        strip_hop_by_hop(&mut parts.headers);
+        if let Some(proto) = &upgrade {
+            parts.headers.insert(header::CONNECTION, HeaderValue::from_static("upgrade"));
+            parts.headers.insert(header::UPGRADE, proto.clone());
+        }
+        // HTTP/2 has no Host header (it is :authority); the app still expects one.
+        if !parts.headers.contains_key(header::HOST) {
+            if let Ok(v) = HeaderValue::from_str(host) {
+                parts.headers.insert(header::HOST, v);
+            }
+        }
+        set_forwarded(&mut parts.headers, conn, host);
+
+        let upstream_req = Request::from_parts(parts, body);
+        let result = tokio::time::timeout(self.limits.response_timeout, self.client.request(upstream_req)).await;
+        let mut resp = match result {
+            Ok(Ok(resp)) => resp,
+            Ok(Err(e)) => return upstream_error(&e, upstream),
+            Err(_) => {
+                tracing::warn!(%upstream, timeout = ?self.limits.response_timeout, "upstream did not answer in time");
+                return text_response(StatusCode::GATEWAY_TIMEOUT, "the app did not answer in time");
+            }
+        };
+
+        if resp.status() == StatusCode::SWITCHING_PROTOCOLS {
+            if let Some(client_upgrade) = client_upgrade {
+                let upstream_upgrade = hyper::upgrade::on(&mut resp);
+                conn.tasks.spawn(async move {
+                    let _in_flight = in_flight;
+                    match tokio::try_join!(client_upgrade, upstream_upgrade) {
+                        Ok((client, upstream)) => {
+                            let mut client = TokioIo::new(client);
+                            let mut upstream = TokioIo::new(upstream);
+                            let _ = tokio::io::copy_bidirectional(&mut client, &mut upstream).await;
+                        }
+                        Err(e) => tracing::debug!(error = %e, "upgrade failed"),
+                    }
+                });
+                let (parts, _) = resp.into_parts();
+                return Response::from_parts(parts, crate::full_body(""));
+            }
+        }
+
+        let (mut parts, body) = resp.into_parts();
+        strip_hop_by_hop(&mut parts.headers);
+        parts.headers.remove(header::UPGRADE);
+        // The in-flight guard rides along with the body: the request counts until the last
+        // byte of the response has gone out (or the client went away).
+        let body = body.map_frame(move |frame| {
+            let _ = &in_flight;
+            frame
+        });
+        Response::from_parts(parts, body.boxed())
+    }
+}
+
+/// `Some(protocol)` for an HTTP/1.1 upgrade request (`Connection: upgrade` + `Upgrade:`).
+fn upgrade_protocol<B>(req: &Request<B>) -> Option<HeaderValue> {
+    if req.version() != Version::HTTP_11 {
+        return None;
+    }
+    let wants = req
+        .headers()
+        .get_all(header::CONNECTION)
+        .iter()
+        .filter_map(|v| v.to_str().ok())
+        .flat_map(|v| v.split(','))
+        .any(|t| t.trim().eq_ignore_ascii_case("upgrade"));
+    if wants {
+        req.headers().get(header::UPGRADE).cloned()
+    } else {
+        None
+    }
+}
+
+/// Drops hop-by-hop headers, including any the `Connection` header names.
+fn strip_hop_by_hop(headers: &mut HeaderMap) {
+    let named: Vec<HeaderName> = headers
+        .get_all(header::CONNECTION)
+        .iter()
+        .filter_map(|v| v.to_str().ok())
+        .flat_map(|v| v.split(','))
+        .filter_map(|t| HeaderName::from_bytes(t.trim().as_bytes()).ok())
+        .collect();
+    for name in named {
+        headers.remove(name);
+    }
+    for name in HOP_BY_HOP {
+        headers.remove(name);
+    }
+    headers.remove(header::UPGRADE);
+}
+
+/// `X-Forwarded-For` gets the peer appended (an ALB in front already put the client first),
+/// `-Proto` and `-Host` describe the request as we received it.
+fn set_forwarded(headers: &mut HeaderMap, conn: &ConnInfo, host: &str) {
+    let peer = conn.peer.ip().to_canonical().to_string();
+    let prior: Vec<&str> = headers
+        .get_all(&X_FORWARDED_FOR)
+        .iter()
+        .filter_map(|v| v.to_str().ok())
+        .map(str::trim)
+        .filter(|v| !v.is_empty())
+        .collect();
+    let xff = if prior.is_empty() { peer } else { format!("{}, {peer}", prior.join(", ")) };
+    if let Ok(v) = HeaderValue::from_str(&xff) {
+        headers.insert(X_FORWARDED_FOR, v);
+    }
+    headers.insert(
+        X_FORWARDED_PROTO,
+        HeaderValue::from_static(if conn.tls { "https" } else { "http" }),
+    );
+    if let Ok(v) = HeaderValue::from_str(host) {
+        headers.insert(X_FORWARDED_HOST, v);
+    }
+}
+
+fn upstream_error(e: &hyper_util::client::legacy::Error, upstream: SocketAddr) -> Response<Body> {
+    if e.is_connect() {
+        tracing::warn!(%upstream, error = %e, "app refused the connection");
+        return text_response(StatusCode::BAD_GATEWAY, "the app is not accepting connections");
+    }
+    tracing::warn!(%upstream, error = %e, "app connection failed");
+    text_response(StatusCode::BAD_GATEWAY, "the app closed the connection")
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn connection_named_headers_are_stripped() {
+        let mut h = HeaderMap::new();
+        h.insert(header::CONNECTION, HeaderValue::from_static("keep-alive, x-secret-hop"));
+        h.insert("x-secret-hop", HeaderValue::from_static("1"));
+        h.insert("x-end-to-end", HeaderValue::from_static("1"));
+        h.insert(header::TE, HeaderValue::from_static("trailers"));
+        strip_hop_by_hop(&mut h);
+        assert!(h.get("x-secret-hop").is_none());
+        assert!(h.get(header::TE).is_none());
+        assert!(h.get("x-end-to-end").is_some());
+    }
+}
