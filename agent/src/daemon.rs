@@ -24,6 +24,9 @@ use tokio::signal::unix::{signal, SignalKind};
 use tokio_util::sync::CancellationToken;
 
 use crate::config::Config;
+use crate::secrets;
+use crate::supervisor::{self, StatusBoard};
+use tokio::sync::watch;
 use crate::state;
 use crate::systemd;
 
@@ -54,11 +57,11 @@ async fn run(config: Config, path: PathBuf) -> anyhow::Result<()> {
     let https_port = https_listener.local_addr()?.port();
     tracing::info!(http = %http_listener.local_addr()?, https = %https_listener.local_addr()?, "listening");
 
-    // 2. Shared state the proxy serves from.
+    // 2. Shared state the proxy serves from. Apps are unhealthy until supervision proves
+    //    otherwise: the health path answers 503 meanwhile.
     let health = Health::new();
     for app in config.apps.keys() {
-        // Not healthy until supervision says so: the health path answers 503 meanwhile.
-        health.set(app, Some("starting: container supervision is not available in this build yet".into()));
+        health.set(app, Some("starting".into()));
     }
     let challenges = ChallengeResponder::new();
     let certs = CertStore::new();
@@ -103,14 +106,27 @@ async fn run(config: Config, path: PathBuf) -> anyhow::Result<()> {
         drain,
     ));
 
-    // 4. Ready: listeners are up. (Supervision will start here too once it exists.)
-    systemd::ready(&status_line(&config, &health));
+    // 4. Supervision: secrets first (the containers need them), then Docker, then one task
+    //    per app. It runs in the background so that a slow SSM or Docker never holds up
+    //    READY=1; it says what it waits for in the status line instead.
+    let status: StatusBoard = Default::default();
+    let boot = tokio::spawn(start_supervision(
+        config.clone(),
+        router.clone(),
+        health.clone(),
+        status.clone(),
+        shutdown.clone(),
+    ));
+
+    // 5. Ready: listeners are up and supervision has started.
+    systemd::ready(&status_line(&config, &health, &status));
+    tokio::spawn(report_status(config.clone(), health.clone(), status.clone(), shutdown.clone()));
     if let Some(period) = systemd::spawn_watchdog() {
         tracing::info!(period = ?period, "systemd watchdog armed");
     }
     tracing::info!("ready");
 
-    // 5. Wait for a stop signal. SIGHUP is handled so it does not kill us (its default
+    // 6. Wait for a stop signal. SIGHUP is handled so it does not kill us (its default
     //    action); config reload arrives with packaging.
     let mut sigterm = signal(SignalKind::terminate())?;
     let mut sigint = signal(SignalKind::interrupt())?;
@@ -132,6 +148,7 @@ async fn run(config: Config, path: PathBuf) -> anyhow::Result<()> {
     tracing::info!("closing listeners; finishing in-flight requests");
     shutdown.cancel();
     let _ = tokio::join!(http_server, https_server);
+    boot.abort();
     tracing::info!("stopped");
     Ok(())
 }
@@ -186,16 +203,87 @@ fn route_table(config: &Config) -> RouteTable {
     RouteTable::new(routes, catch_all)
 }
 
-/// What `systemctl status berth` shows: the one thing an operator needs to know.
-fn status_line(config: &Config, health: &Health) -> String {
+/// Secrets, then Docker, then the app tasks. Never fails: every wait is retried with
+/// backoff and reported, and shutdown cancels it.
+async fn start_supervision(config: Config, router: Router, health: Health, status: StatusBoard, shutdown: CancellationToken) {
+    let secrets_rx = if config.has_secrets() {
+        let sdk = crate::aws::sdk_config(&config.aws).await;
+        let source = secrets::SecretsSource::new(&sdk, &config.secrets);
+        let first = source.fetch_with_retry(&secrets::RetryPolicy::DAEMON, |e, wait| {
+            systemd::status(&format!("waiting for SSM: {} (retry in {}s)", e.kind(), wait.as_secs()));
+        });
+        let initial = tokio::select! {
+            r = first => match r {
+                Ok(set) => set,
+                Err(e) => {
+                    // DAEMON policy retries forever; this is unreachable in practice.
+                    tracing::error!(error = %e, "fetching secrets failed");
+                    return;
+                }
+            },
+            _ = shutdown.cancelled() => return,
+        };
+        tracing::info!(count = initial.len(), "secrets fetched");
+        secrets::spawn_refresh(source, config.secrets.refresh_interval.0, initial).subscribe()
+    } else {
+        // No secrets configured: a set that never changes. The sender lives as long as
+        // the receivers need it.
+        let (tx, rx) = watch::channel(Arc::new(secrets::SecretSet::default()));
+        std::mem::forget(tx);
+        rx
+    };
+    if config.apps.is_empty() {
+        return;
+    }
+    let Some(docker) = supervisor::connect(&shutdown, |s| systemd::status(s)).await else { return };
+    let shared = supervisor::Shared {
+        docker,
+        router,
+        health,
+        status,
+        shutdown,
+        drain_timeout: config.agent.drain_timeout.0,
+        on_change: config.secrets.on_change,
+    };
+    let _supervisor = supervisor::start(shared, &config.apps, secrets_rx);
+}
+
+/// Keeps the systemd status line current.
+async fn report_status(config: Config, health: Health, status: StatusBoard, shutdown: CancellationToken) {
+    let mut last = String::new();
+    loop {
+        let line = status_line(&config, &health, &status);
+        if line != last {
+            systemd::status(&line);
+            last = line;
+        }
+        tokio::select! {
+            _ = tokio::time::sleep(std::time::Duration::from_secs(2)) => {}
+            _ = shutdown.cancelled() => return,
+        }
+    }
+}
+
+/// What `systemctl status berth` shows: the one thing an operator needs to know, e.g.
+/// `serving web (healthy, sha256:ab12cd34ef56)` or what it waits for.
+fn status_line(config: &Config, health: &Health, status: &StatusBoard) -> String {
     if config.apps.is_empty() {
         return "serving: no apps configured".into();
     }
     let unhealthy = health.unhealthy();
-    if unhealthy.is_empty() {
-        format!("serving {}", config.apps.keys().cloned().collect::<Vec<_>>().join(", "))
-    } else {
-        let waiting: Vec<String> = unhealthy.iter().map(|(app, why)| format!("{app} ({why})")).collect();
-        format!("waiting for {}", waiting.join(", "))
-    }
+    let board = status.lock().unwrap();
+    let parts: Vec<String> = config
+        .apps
+        .keys()
+        .map(|app| {
+            let s = board.get(app);
+            let image = s.and_then(|s| s.image_id.as_deref()).map(|i| &i[..i.len().min(19)]).unwrap_or("no image yet");
+            match unhealthy.get(app) {
+                None => format!("{app} (healthy, {image})"),
+                Some(why) => format!("{app} ({why})"),
+            }
+        })
+        .collect();
+    let verb = if unhealthy.is_empty() { "serving" } else { "waiting:" };
+    format!("{verb} {}", parts.join(", "))
 }

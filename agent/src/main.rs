@@ -1,12 +1,16 @@
 //! `berth`: the thin binary. Parses the command line and hands off to one module per job;
 //! the daemon's wiring reads top to bottom in [`daemon::run`].
 
+mod aws;
+mod backoff;
 mod cli;
 mod config;
 mod daemon;
 mod logging;
 mod plan;
+mod secrets;
 mod state;
+mod supervisor;
 mod systemd;
 
 use std::process::ExitCode;
@@ -42,15 +46,51 @@ fn main() -> ExitCode {
 }
 
 fn check(path: &std::path::Path, online: bool) -> ExitCode {
-    match Config::load(path) {
-        Ok(cfg) => {
-            print!("{}", plan::render(&cfg, path));
-            if online {
-                println!("\nonline checks: not available in this build yet (SSM, Docker and ACME checks arrive with those capabilities)");
-            }
-            ExitCode::SUCCESS
+    let cfg = match Config::load(path) {
+        Ok(cfg) => cfg,
+        Err(e) => return config_failure(&e),
+    };
+    print!("{}", plan::render(&cfg, path));
+    if !online {
+        return ExitCode::SUCCESS;
+    }
+    // Online checks talk to what `run` will need, with the same credentials and endpoints,
+    // and stop at the first answer: an operator wants "AccessDenied on X", not a retry loop.
+    logging::init();
+    let _ = rustls::crypto::aws_lc_rs::default_provider().install_default();
+    let rt = match tokio::runtime::Builder::new_multi_thread().enable_all().build() {
+        Ok(rt) => rt,
+        Err(e) => {
+            eprintln!("berth: cannot start the async runtime: {e}");
+            return ExitCode::FAILURE;
         }
-        Err(e) => config_failure(&e),
+    };
+    let failures = rt.block_on(async {
+        let mut failures = 0;
+        println!("\nonline checks");
+        match secrets::online_check(&cfg).await {
+            Ok(line) => println!("  {line}"),
+            Err(e) => {
+                eprintln!("berth: {e:#}");
+                failures += 1;
+            }
+        }
+        if !cfg.apps.is_empty() {
+            match supervisor::online_check().await {
+                Ok(line) => println!("  {line}"),
+                Err(e) => {
+                    eprintln!("berth: {e:#}");
+                    failures += 1;
+                }
+            }
+        }
+        failures
+    });
+    if failures == 0 {
+        ExitCode::SUCCESS
+    } else {
+        eprintln!("berth: {failures} online check(s) failed");
+        ExitCode::from(exit::UNAVAILABLE)
     }
 }
 

@@ -5,8 +5,12 @@
 //! ```text
 //! standalone --http 127.0.0.1:8080 --https 127.0.0.1:8443 --upstream 127.0.0.1:9000 \
 //!            [--domain app.test] [--cert-out self-signed.crt] [--header-timeout-ms N] \
-//!            [--response-timeout-ms N] [--swap-cert-every-ms N] [--drain-ms N]
+//!            [--response-timeout-ms N] [--swap-cert-every-ms N] [--drain-ms N] \
+//!            [--route HOST/PREFIX]...
 //! ```
+//! Without `--route`, every host goes to the upstream (a catch-all). With one or more
+//! `--route app.test/` (host, then the path prefix starting at the first `/`), only those
+//! routes do and any other host gets 421.
 //! Prints `ready` on stdout once both listeners are bound. SIGTERM drains and exits 0.
 
 use std::net::SocketAddr;
@@ -16,7 +20,7 @@ use std::time::Duration;
 use berth_proxy::challenge::ChallengeResponder;
 use berth_proxy::forward::{ForwardLimits, Forwarder};
 use berth_proxy::health::Health;
-use berth_proxy::routes::{RouteTable, Router};
+use berth_proxy::routes::{Route, RouteTable, Router};
 use berth_proxy::server::{serve, Limits};
 use berth_proxy::tls::{self_signed, CertStore};
 use tokio::net::TcpListener;
@@ -32,6 +36,7 @@ struct Args {
     response_timeout: Option<Duration>,
     swap_every: Option<Duration>,
     drain: Duration,
+    routes: Vec<(String, String)>,
 }
 
 fn parse_args() -> Args {
@@ -46,6 +51,7 @@ fn parse_args() -> Args {
         response_timeout: None,
         swap_every: None,
         drain: Duration::from_secs(5),
+        routes: Vec::new(),
     };
     while let Some(flag) = it.next() {
         let mut val = || it.next().unwrap_or_else(|| panic!("{flag} needs a value"));
@@ -60,6 +66,14 @@ fn parse_args() -> Args {
             "--response-timeout-ms" => a.response_timeout = Some(ms(val())),
             "--swap-cert-every-ms" => a.swap_every = Some(ms(val())),
             "--drain-ms" => a.drain = ms(val()),
+            "--route" => {
+                let v = val();
+                let (host, prefix) = match v.find('/') {
+                    Some(i) => (v[..i].to_owned(), v[i..].to_owned()),
+                    None => (v.clone(), "/".to_owned()),
+                };
+                a.routes.push((host, prefix));
+            }
             other => panic!("unknown flag {other}"),
         }
     }
@@ -80,7 +94,20 @@ async fn main() {
     certs.install(&domains, first.key);
 
     let router = Router::new();
-    router.set_routes(RouteTable::new(vec![], Some("app".into())));
+    if args.routes.is_empty() {
+        router.set_routes(RouteTable::new(vec![], Some("app".into())));
+    } else {
+        let routes = args
+            .routes
+            .iter()
+            .map(|(host, prefix)| Route {
+                host: host.clone(),
+                prefix: prefix.clone(),
+                app: "app".into(),
+            })
+            .collect();
+        router.set_routes(RouteTable::new(routes, None));
+    }
     router.set_backend("app", Some(args.upstream));
 
     let mut limits = Limits::default();
@@ -95,11 +122,8 @@ async fn main() {
     let health = Health::new();
     let http = TcpListener::bind(args.http).await.expect("bind http");
     let https = TcpListener::bind(args.https).await.expect("bind https");
-    println!(
-        "ready http={} https={}",
-        http.local_addr().unwrap(),
-        https.local_addr().unwrap()
-    );
+    let https_addr = https.local_addr().unwrap();
+    println!("ready http={} https={}", http.local_addr().unwrap(), https_addr);
 
     // Certificate rotation under load, as an ACME renewal does it.
     if let (Some(every), Some(path)) = (args.swap_every, args.cert_out.clone()) {
@@ -111,7 +135,11 @@ async fn main() {
                 tokio::time::sleep(every).await;
                 let next = self_signed(&domains).expect("self-signed certificate");
                 n += 1;
-                let _ = std::fs::write(format!("{path}.{n}"), &next.cert_pem);
+                // Written whole, then renamed: a reader never sees half a certificate.
+                let tmp = format!("{path}.{n}.tmp");
+                if std::fs::write(&tmp, &next.cert_pem).is_ok() {
+                    let _ = std::fs::rename(&tmp, format!("{path}.{n}"));
+                }
                 certs.install(&domains, next.key);
             }
         });
@@ -126,7 +154,8 @@ async fn main() {
             health_path: "/_berth/health".into(),
             health: health.clone(),
             challenges: ChallengeResponder::new(),
-            https_port: args.https.port(),
+            // The bound port: `--https 127.0.0.1:0` picks one.
+            https_port: https_addr.port(),
         }),
         shutdown.clone(),
         args.drain,

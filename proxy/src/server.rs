@@ -5,13 +5,17 @@
 //! for them (and for upgraded tunnels such as WebSockets) up to a deadline.
 
 use std::future::Future;
+use std::io;
 use std::net::SocketAddr;
+use std::pin::Pin;
 use std::sync::Arc;
+use std::task::{Context, Poll};
 use std::time::Duration;
 
 use hyper::body::Incoming;
 use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
 use hyper_util::server::conn::auto;
+use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 use tokio::net::TcpListener;
 use tokio::sync::Semaphore;
 use tokio_util::either::Either;
@@ -119,6 +123,7 @@ pub async fn serve<H: Handler>(
         let acceptor = acceptor.clone();
         let shutdown = shutdown.clone();
         let handshake_timeout = limits.handshake_timeout;
+        let header_read_timeout = limits.header_read_timeout;
         tasks.spawn(async move {
             let _permit = permit;
             let service = {
@@ -146,6 +151,7 @@ pub async fn serve<H: Handler>(
                 },
                 None => Either::Left(stream),
             };
+            let io = SniffDeadline::new(io, header_read_timeout);
             let conn = builder.serve_connection_with_upgrades(TokioIo::new(io), service);
             tokio::pin!(conn);
             // On shutdown, ask the connection to finish in-flight requests (HTTP/1.1 closes
@@ -171,6 +177,98 @@ pub async fn serve<H: Handler>(
     match drained {
         Ok(()) => tracing::debug!(%local, "listener drained"),
         Err(_) => tracing::warn!(%local, remaining = tasks.len(), "drain deadline reached; closing remaining connections"),
+    }
+}
+
+/// The first bytes of an HTTP/2 connection (RFC 9113 §3.4).
+const H2_PREFACE: &[u8] = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n";
+
+/// Closes a connection that has not shown which protocol it speaks within the header read
+/// timeout.
+///
+/// hyper-util's auto builder reads the first bytes itself to tell HTTP/1.1 from an h2 preface,
+/// and hyper's header read timeout only starts once it has decided. Without this deadline a
+/// client that connects (or completes a TLS handshake) and then sends nothing, or only part of
+/// the h2 preface, holds its connection slot forever. The deadline ends as soon as a byte
+/// differs from the preface (HTTP/1.1: hyper's own timer takes over) or the whole preface has
+/// arrived (h2).
+struct SniffDeadline<I> {
+    io: I,
+    /// `None` once the protocol is known.
+    deadline: Option<Pin<Box<tokio::time::Sleep>>>,
+    /// Bytes of [`H2_PREFACE`] seen so far.
+    matched: usize,
+}
+
+impl<I> SniffDeadline<I> {
+    fn new(io: I, timeout: Duration) -> Self {
+        SniffDeadline {
+            io,
+            deadline: Some(Box::pin(tokio::time::sleep(timeout))),
+            matched: 0,
+        }
+    }
+}
+
+impl<I: AsyncRead + Unpin> AsyncRead for SniffDeadline<I> {
+    fn poll_read(self: Pin<&mut Self>, cx: &mut Context<'_>, buf: &mut ReadBuf<'_>) -> Poll<io::Result<()>> {
+        let this = self.get_mut();
+        let before = buf.filled().len();
+        let poll = Pin::new(&mut this.io).poll_read(cx, buf);
+        let Some(deadline) = this.deadline.as_mut() else {
+            return poll;
+        };
+        match &poll {
+            Poll::Ready(Ok(())) => {
+                for &b in &buf.filled()[before..] {
+                    if b != H2_PREFACE[this.matched] {
+                        this.deadline = None;
+                        break;
+                    }
+                    this.matched += 1;
+                    if this.matched == H2_PREFACE.len() {
+                        this.deadline = None;
+                        break;
+                    }
+                }
+            }
+            Poll::Pending => {
+                if deadline.as_mut().poll(cx).is_ready() {
+                    return Poll::Ready(Err(io::Error::new(
+                        io::ErrorKind::TimedOut,
+                        "no request within the header read timeout",
+                    )));
+                }
+            }
+            Poll::Ready(Err(_)) => {}
+        }
+        poll
+    }
+}
+
+impl<I: AsyncWrite + Unpin> AsyncWrite for SniffDeadline<I> {
+    fn poll_write(self: Pin<&mut Self>, cx: &mut Context<'_>, buf: &[u8]) -> Poll<io::Result<usize>> {
+        Pin::new(&mut self.get_mut().io).poll_write(cx, buf)
+    }
+
+    fn poll_write_vectored(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        bufs: &[io::IoSlice<'_>],
+    ) -> Poll<io::Result<usize>> {
+        Pin::new(&mut self.get_mut().io).poll_write_vectored(cx, bufs)
+    }
+
+    fn is_write_vectored(&self) -> bool {
+        self.io.is_write_vectored()
+    }
+
+    fn poll_flush(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        Pin::new(&mut self.get_mut().io).poll_flush(cx)
+    }
+
+    fn poll_shutdown(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        Pin::new(&mut self.get_mut().io).poll_shutdown(cx)
     }
 }
 

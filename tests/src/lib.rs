@@ -10,6 +10,8 @@ use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
+pub mod faultproxy;
+pub mod moto;
 pub mod notify;
 
 /// The `berth` binary built by `cargo build` (scripts/test builds it before the tests).
@@ -210,4 +212,115 @@ pub fn curl(args: &[&str]) -> (u16, String) {
     let text = String::from_utf8_lossy(&out.stdout).to_string();
     let (body, code) = text.rsplit_once('\n').unwrap_or(("", "0"));
     (code.trim().parse().unwrap_or(0), body.to_string())
+}
+
+/// One SSM API call against moto, signed with SigV4 by curl exactly as the SDK signs it.
+pub fn ssm(target: &str, body: serde_json::Value) -> serde_json::Value {
+    let out = Command::new("curl")
+        .args([
+            "-sS",
+            "--aws-sigv4",
+            "aws:amz:us-east-1:ssm",
+            "-u",
+            "testing:testing",
+            "-H",
+            &format!("X-Amz-Target: AmazonSSM.{target}"),
+            "-H",
+            "Content-Type: application/x-amz-json-1.1",
+            "--data",
+            &body.to_string(),
+            &env("BERTH_TEST_MOTO_URL"),
+        ])
+        .output()
+        .expect("curl");
+    let text = String::from_utf8_lossy(&out.stdout).to_string();
+    serde_json::from_str(&text).unwrap_or_else(|e| panic!("SSM {target}: {e}: {text}"))
+}
+
+/// Puts (overwrites) a SecureString parameter.
+pub fn ssm_put(name: &str, value: &str) {
+    let r = ssm(
+        "PutParameter",
+        serde_json::json!({"Name": name, "Value": value, "Type": "SecureString", "Overwrite": true}),
+    );
+    assert!(r.get("Version").is_some(), "PutParameter {name}: {r}");
+}
+
+/// A unique name for this test's app, so tests sharing one Docker daemon never touch each
+/// other's containers. Removes every container labelled with it when dropped.
+pub struct TestApp {
+    pub name: String,
+}
+
+impl TestApp {
+    pub fn new(tag: &str) -> Self {
+        use std::sync::atomic::{AtomicU32, Ordering};
+        static N: AtomicU32 = AtomicU32::new(0);
+        let name = format!("t{}-{}-{}", std::process::id(), tag, N.fetch_add(1, Ordering::SeqCst));
+        TestApp { name }
+    }
+
+    /// IDs of this app's containers (running and stopped).
+    pub fn containers(&self, only_running: bool) -> Vec<String> {
+        let mut cmd = Command::new("docker");
+        cmd.args(["ps", "-q", "--no-trunc", "--filter", &format!("label=berth.app={}", self.name)]);
+        if !only_running {
+            cmd.arg("-a");
+        }
+        let out = cmd.output().expect("docker ps");
+        String::from_utf8_lossy(&out.stdout).lines().map(str::to_owned).collect()
+    }
+
+    /// `docker inspect --format` on one container.
+    pub fn inspect(id: &str, format: &str) -> String {
+        let out = Command::new("docker").args(["inspect", "--format", format, id]).output().expect("docker inspect");
+        String::from_utf8_lossy(&out.stdout).trim().to_string()
+    }
+}
+
+impl Drop for TestApp {
+    fn drop(&mut self) {
+        for id in self.containers(false) {
+            let _ = Command::new("docker").args(["rm", "-f", &id]).output();
+        }
+    }
+}
+
+/// What a load run saw: every request is counted, and anything but a 2xx is a failure.
+#[derive(Debug, Clone, Copy)]
+pub struct LoadResult {
+    pub requests: u64,
+    pub failures: u64,
+}
+
+/// Runs `wrk` (a real HTTP/1.1 keep-alive client) against `url` for `secs` seconds with
+/// `conns` connections, in the background; join the handle for the result.
+pub fn load(url: &str, secs: u32, conns: u32) -> std::thread::JoinHandle<LoadResult> {
+    let url = url.to_string();
+    std::thread::spawn(move || {
+        let out = Command::new("wrk")
+            .args(["-t1", &format!("-c{conns}"), &format!("-d{secs}s"), "--timeout", "5s", &url])
+            .output()
+            .expect("wrk (installed by scripts/testenv)");
+        let text = String::from_utf8_lossy(&out.stdout).to_string();
+        parse_wrk(&text).unwrap_or_else(|| panic!("cannot read wrk output:\n{text}"))
+    })
+}
+
+fn parse_wrk(text: &str) -> Option<LoadResult> {
+    let requests: u64 = text.lines().find(|l| l.contains("requests in"))?.split_whitespace().next()?.parse().ok()?;
+    let mut failures = 0;
+    for line in text.lines() {
+        let line = line.trim();
+        if let Some(rest) = line.strip_prefix("Non-2xx or 3xx responses:") {
+            failures += rest.trim().parse::<u64>().ok()?;
+        }
+        if let Some(rest) = line.strip_prefix("Socket errors:") {
+            // "connect 0, read 0, write 0, timeout 0"
+            for part in rest.split(',') {
+                failures += part.split_whitespace().nth(1).and_then(|n| n.parse::<u64>().ok()).unwrap_or(0);
+            }
+        }
+    }
+    Some(LoadResult { requests, failures })
 }

@@ -4,7 +4,7 @@
 
 use std::process::Command;
 
-use berth_tests::env;
+use berth_tests::{env, ssm};
 
 fn run(cmd: &mut Command) -> String {
     let out = cmd.output().expect("run command");
@@ -29,24 +29,6 @@ fn pebble_serves_an_acme_directory() {
     for key in ["newAccount", "newNonce", "newOrder"] {
         assert!(d[key].as_str().is_some_and(|u| u.starts_with("https://")), "{key} in {dir}");
     }
-}
-
-fn ssm(target: &str, body: serde_json::Value) -> serde_json::Value {
-    let out = run(Command::new("curl").args([
-        "-sS",
-        "--aws-sigv4",
-        "aws:amz:us-east-1:ssm",
-        "-u",
-        "testing:testing",
-        "-H",
-        &format!("X-Amz-Target: AmazonSSM.{target}"),
-        "-H",
-        "Content-Type: application/x-amz-json-1.1",
-        "--data",
-        &body.to_string(),
-        &env("BERTH_TEST_MOTO_URL"),
-    ]));
-    serde_json::from_str(&out).unwrap_or_else(|e| panic!("{target}: {e}: {out}"))
 }
 
 #[test]

@@ -1,0 +1,366 @@
+//! Container supervision through the real Docker Engine, driven by the real binary: the
+//! container's environment, crash restarts with backoff, adoption after `kill -9`, and
+//! rollouts under load with zero failed requests.
+
+use std::collections::BTreeMap;
+use std::process::Command;
+use std::time::{Duration, Instant};
+
+use berth_tests::{config_toml, curl, env, load, ssm_put, wait_for, Berth, Ports, TestApp, TestDir};
+
+fn health(ports: Ports) -> (u16, String) {
+    curl(&[&format!("http://127.0.0.1:{}/_berth/health", ports.http)])
+}
+
+fn get(ports: Ports, path: &str) -> (u16, String) {
+    curl(&["-k", &format!("https://127.0.0.1:{}{path}", ports.https)])
+}
+
+/// Config for one app (no routes: it takes every host, so clients can use 127.0.0.1),
+/// secrets from `prefix` in moto refreshed every second.
+fn app_config(dir: &TestDir, ports: Ports, app: &TestApp, prefix: &str, app_extra: &str) -> String {
+    let rest = format!(
+        r#"
+[aws]
+region = "us-east-1"
+endpoint_url = "{moto}"
+
+[secrets]
+path = "{prefix}"
+refresh_interval = "1s"
+
+[apps.{name}]
+image = "{image}"
+port = 8080
+pull = "never"
+stop_timeout = "2s"
+env = {{ GREETING = "hello", QUOTED = "a \"b\" = c" }}
+{app_extra}
+[apps.{name}.health]
+path = "/health"
+interval = "500ms"
+timeout = "1s"
+start_period = "3s"
+[apps.{name}.restart]
+initial_backoff = "500ms"
+max_backoff = "8s"
+"#,
+        moto = env("BERTH_TEST_MOTO_URL"),
+        name = app.name,
+        image = env("BERTH_TEST_APP_IMAGE"),
+    );
+    config_toml(dir, ports, "0s", "5s", &rest)
+}
+
+fn spawn(cfg: &std::path::Path, dir: &TestDir) -> Berth {
+    let mut cmd = Berth::command(cfg);
+    cmd.env("BERTH_LOG", "info,berth=debug");
+    Berth::spawn(cmd, dir)
+}
+
+fn wait_healthy(ports: Ports, berth: &Berth) {
+    wait_for("the app to become healthy", Duration::from_secs(30), || {
+        let (code, body) = health(ports);
+        if code == 0 {
+            return None;
+        }
+        (code == 200).then_some(()).or_else(|| {
+            assert!(!body.contains("never became healthy"), "{body}\n{}", berth.logs());
+            None
+        })
+    });
+}
+
+fn prefix(tag: &str) -> String {
+    format!("/berth-test/{}/{tag}/", std::process::id())
+}
+
+#[test]
+fn container_env_is_exactly_config_plus_secrets_and_nothing_reaches_disk() {
+    let dir = TestDir::new();
+    let ports = Ports::pick();
+    let app = TestApp::new("env");
+    let p = prefix("env");
+    let tricky = [
+        ("db/password", "p=ss\nword \"quoted\" 'single' ünïcødé ✓"),
+        ("api-key", "sk_live_0123456789abcdef"),
+        ("nested/deeper/token", "tok=en=with=equals"),
+    ];
+    for (k, v) in tricky {
+        ssm_put(&format!("{p}{k}"), v);
+    }
+    let cfg = dir.write("berth.toml", &app_config(&dir, ports, &app, &p, ""));
+    let berth = spawn(&cfg, &dir);
+    wait_healthy(ports, &berth);
+
+    let (code, body) = get(ports, "/env");
+    assert_eq!(code, 200, "{body}");
+    let got: BTreeMap<String, String> = serde_json::from_str(&body).unwrap();
+    // What the image and Docker add on their own; everything else must come from berth.
+    let from_image_and_docker = ["PATH", "HOSTNAME", "HOME", "VERSION"];
+    let from_berth: BTreeMap<String, String> =
+        got.into_iter().filter(|(k, _)| !from_image_and_docker.contains(&k.as_str())).collect();
+    let expected: BTreeMap<String, String> = [
+        ("GREETING", "hello"),
+        ("QUOTED", "a \"b\" = c"),
+        ("DB_PASSWORD", tricky[0].1),
+        ("API_KEY", tricky[1].1),
+        ("NESTED_DEEPER_TOKEN", tricky[2].1),
+    ]
+    .into_iter()
+    .map(|(k, v)| (k.to_string(), v.to_string()))
+    .collect();
+    assert_eq!(from_berth, expected);
+
+    // The secret values live in the container's environment (Docker's own store) and in
+    // berth's memory, nowhere in any file berth wrote.
+    let state = dir.path().join("state");
+    for entry in walk(&state) {
+        let data = std::fs::read(&entry).unwrap();
+        for (_, v) in tricky {
+            assert!(
+                !String::from_utf8_lossy(&data).contains(v),
+                "{} contains a secret value",
+                entry.display()
+            );
+        }
+    }
+    let logs = berth.logs();
+    for (_, v) in tricky {
+        assert!(!logs.contains(v), "a secret value is in the log");
+    }
+    // Labels: the app and a config hash, never a value.
+    let id = &app.containers(true)[0];
+    let labels = TestApp::inspect(id, "{{json .Config.Labels}}");
+    assert!(labels.contains(&format!("\"berth.app\":\"{}\"", app.name)), "{labels}");
+    assert!(labels.contains("berth.config-hash"), "{labels}");
+    assert_eq!(TestApp::inspect(id, "{{.HostConfig.Init}}"), "true");
+    let bindings = TestApp::inspect(id, "{{json .HostConfig.PortBindings}}");
+    assert!(bindings.contains("\"HostIp\":\"127.0.0.1\""), "published on loopback only: {bindings}");
+}
+
+fn walk(dir: &std::path::Path) -> Vec<std::path::PathBuf> {
+    let mut out = Vec::new();
+    if let Ok(rd) = std::fs::read_dir(dir) {
+        for e in rd.flatten() {
+            let p = e.path();
+            if p.is_dir() {
+                out.extend(walk(&p));
+            } else {
+                out.push(p);
+            }
+        }
+    }
+    out
+}
+
+#[test]
+fn crash_loop_is_restarted_with_growing_delays_and_berth_stays_up() {
+    let dir = TestDir::new();
+    let ports = Ports::pick();
+    let app = TestApp::new("crash");
+    let p = prefix("crash");
+    ssm_put(&format!("{p}unused"), "x");
+    // The app exits 1 at once, every time.
+    let extra = "";
+    let src = app_config(&dir, ports, &app, &p, extra).replace(
+        "env = { GREETING = \"hello\", QUOTED = \"a \\\"b\\\" = c\" }",
+        "env = { EXIT_AT_START = \"1\" }",
+    );
+    assert!(src.contains("EXIT_AT_START"));
+    let cfg = dir.write("berth.toml", &src);
+    let mut berth = spawn(&cfg, &dir);
+
+    // Collect container start times from Docker's own event stream.
+    let since = chrono_now();
+    let starts = wait_for("five container starts", Duration::from_secs(40), || {
+        let s = docker_start_times(&app, &since);
+        (s.len() >= 5).then_some(s)
+    });
+    let gaps: Vec<f64> = starts.windows(2).map(|w| w[1] - w[0]).collect();
+    // Backoff 500ms → 8s with equal jitter: each gap at least the previous step's lower
+    // bound, and the later gaps clearly longer than the first.
+    assert!(gaps.last().unwrap() > &(gaps[0] + 0.4), "delays must grow: {gaps:?}");
+    assert!(gaps.windows(2).all(|w| w[1] + 0.3 >= w[0]), "delays never shrink: {gaps:?}");
+
+    let (code, body) = health(ports);
+    assert_eq!(code, 503, "{body}");
+    assert!(body.contains("restarting"), "{body}");
+    assert!(berth.logs().contains("exit_code=1"), "the exit code is logged:\n{}", berth.logs());
+    assert_eq!(app.containers(false).len(), 1, "restarted in place, not replaced");
+    assert!(berth.child.try_wait().unwrap().is_none(), "berth must stay up");
+    assert_eq!(get(ports, "/").0, 503, "an app that is down answers 503, not a hang");
+}
+
+fn chrono_now() -> String {
+    let out = Command::new("date").args(["-u", "+%Y-%m-%dT%H:%M:%S"]).output().unwrap();
+    String::from_utf8_lossy(&out.stdout).trim().to_string()
+}
+
+/// Start times (seconds, fractional) of this app's containers, from `docker events`.
+fn docker_start_times(app: &TestApp, since: &str) -> Vec<f64> {
+    let out = Command::new("docker")
+        .args([
+            "events",
+            "--since",
+            since,
+            "--until",
+            "0s",
+            "--filter",
+            &format!("label=berth.app={}", app.name),
+            "--filter",
+            "event=start",
+            "--format",
+            "{{.TimeNano}}",
+        ])
+        .output()
+        .unwrap();
+    String::from_utf8_lossy(&out.stdout)
+        .lines()
+        .filter_map(|l| l.trim().parse::<f64>().ok())
+        .map(|ns| ns / 1e9)
+        .collect()
+}
+
+#[test]
+fn kill_9_then_a_new_berth_adopts_the_running_container() {
+    let dir = TestDir::new();
+    let ports = Ports::pick();
+    let app = TestApp::new("adopt");
+    let p = prefix("adopt");
+    ssm_put(&format!("{p}token"), "adopt-me");
+    let cfg = dir.write("berth.toml", &app_config(&dir, ports, &app, &p, ""));
+    let mut first = spawn(&cfg, &dir);
+    wait_healthy(ports, &first);
+    let ids = app.containers(true);
+    assert_eq!(ids.len(), 1);
+    let id = ids[0].clone();
+    let started_at = TestApp::inspect(&id, "{{.State.StartedAt}}");
+    let published = TestApp::inspect(&id, "{{(index (index .NetworkSettings.Ports \"8080/tcp\") 0).HostPort}}");
+
+    first.signal("KILL");
+    first.wait_timeout(Duration::from_secs(5)).expect("killed");
+    // With berth gone, the app itself keeps serving on its port.
+    assert_eq!(curl(&[&format!("http://127.0.0.1:{published}/health")]).0, 200);
+
+    let second = spawn(&cfg, &dir);
+    wait_healthy(ports, &second);
+    assert_eq!(app.containers(true), vec![id.clone()], "same container, no new one");
+    assert_eq!(TestApp::inspect(&id, "{{.State.StartedAt}}"), started_at, "not restarted");
+    assert!(second.logs().contains("adopting the running container"), "{}", second.logs());
+    assert_eq!(get(ports, "/").0, 200);
+}
+
+#[test]
+fn secrets_change_rolls_out_under_load_with_zero_failed_requests() {
+    let dir = TestDir::new();
+    let ports = Ports::pick();
+    let app = TestApp::new("roll");
+    let p = prefix("roll");
+    ssm_put(&format!("{p}release"), "one");
+    let cfg = dir.write("berth.toml", &app_config(&dir, ports, &app, &p, ""));
+    let berth = spawn(&cfg, &dir);
+    wait_healthy(ports, &berth);
+    let before = app.containers(true);
+    assert_eq!(before.len(), 1);
+
+    let url = format!("https://127.0.0.1:{}/", ports.https);
+    let run = load(&url, 8, 8);
+    std::thread::sleep(Duration::from_secs(1));
+    let changed_at = Instant::now();
+    ssm_put(&format!("{p}release"), "two");
+    let new_id = wait_for("the rollout", Duration::from_secs(20), || {
+        let now = app.containers(true);
+        (now.len() == 1 && now != before).then(|| now[0].clone())
+    });
+    let took = changed_at.elapsed();
+    let result = run.join().unwrap();
+    assert!(result.requests > 500, "the load must be real: {result:?}");
+    assert_eq!(result.failures, 0, "zero failed requests during the rollout: {result:?}\n{}", berth.logs());
+    let (_, env) = get(ports, "/env");
+    assert!(env.contains("\"RELEASE\":\"two\""), "the new container has the new value: {env}");
+    assert!(took < Duration::from_secs(15), "rollout took {took:?}");
+    assert!(berth.logs().contains("rollout complete"), "{}", berth.logs());
+    assert!(!new_id.is_empty());
+}
+
+#[test]
+fn a_rollout_that_never_gets_healthy_keeps_the_old_container() {
+    let dir = TestDir::new();
+    let ports = Ports::pick();
+    let app = TestApp::new("bad");
+    let p = prefix("bad");
+    // The test app fails its health check when HEALTH_FAIL=1: a bad secret value is a
+    // realistic way to break a new release.
+    ssm_put(&format!("{p}health_fail"), "0");
+    let cfg = dir.write("berth.toml", &app_config(&dir, ports, &app, &p, ""));
+    let berth = spawn(&cfg, &dir);
+    wait_healthy(ports, &berth);
+    let old = app.containers(true);
+
+    let run = load(&format!("https://127.0.0.1:{}/", ports.https), 9, 8);
+    std::thread::sleep(Duration::from_millis(500));
+    ssm_put(&format!("{p}health_fail"), "1");
+    wait_for("the failed rollout", Duration::from_secs(20), || {
+        berth.logs().contains("never became healthy").then_some(())
+    });
+    let result = run.join().unwrap();
+    assert_eq!(result.failures, 0, "{result:?}\n{}", berth.logs());
+    assert!(result.requests > 500, "{result:?}");
+    wait_for("the failed container to be removed", Duration::from_secs(10), || {
+        (app.containers(false) == old).then_some(())
+    });
+    assert_eq!(health(ports).0, 200, "the old container still serves");
+}
+
+#[test]
+fn two_apps_are_routed_and_supervised_independently() {
+    let dir = TestDir::new();
+    let ports = Ports::pick();
+    let web = TestApp::new("web");
+    let api = TestApp::new("api");
+    let image = env("BERTH_TEST_APP_IMAGE");
+    let rest = format!(
+        r#"
+[apps.{web}]
+image = "{image}"
+port = 8080
+pull = "never"
+routes = ["example.test/"]
+env = {{ VERSION = "web" }}
+[apps.{web}.health]
+path = "/health"
+interval = "500ms"
+
+[apps.{api}]
+image = "{image}"
+port = 8080
+pull = "never"
+routes = ["example.test/api/"]
+env = {{ VERSION = "api" }}
+[apps.{api}.health]
+path = "/health"
+interval = "500ms"
+"#,
+        web = web.name,
+        api = api.name,
+    );
+    let cfg = dir.write("berth.toml", &config_toml(&dir, ports, "0s", "2s", &rest));
+    let berth = spawn(&cfg, &dir);
+    wait_healthy(ports, &berth);
+    let resolve = format!("example.test:{}:127.0.0.1", ports.https);
+    let at = |path: &str| curl(&["-k", "--resolve", &resolve, &format!("https://example.test:{}{path}", ports.https)]);
+    assert!(at("/").1.starts_with("testapp web "), "{:?}", at("/"));
+    assert!(at("/api/x").1.starts_with("testapp api "), "{:?}", at("/api/x"));
+    // Unknown host: 421.
+    assert_eq!(curl(&["-k", "--resolve", &format!("other.test:{}:127.0.0.1", ports.https), &format!("https://other.test:{}/", ports.https)]).0, 421);
+
+    // Kill the api container: web keeps serving, api comes back by itself.
+    let api_id = api.containers(true)[0].clone();
+    Command::new("docker").args(["kill", &api_id]).output().unwrap();
+    assert!(at("/").1.starts_with("testapp web "));
+    wait_for("api to be restarted", Duration::from_secs(20), || {
+        at("/api/").1.starts_with("testapp api ").then_some(())
+    });
+    assert_eq!(api.containers(true), vec![api_id], "restarted in place");
+}
