@@ -153,6 +153,10 @@ pub enum OnChange {
 pub struct HttpConfig {
     pub listen: String,
     pub health_path: String,
+    /// Access log events (journald, target `berth::access`): "off", "errors" (4xx/5xx), "all".
+    pub access_log: AccessLogMode,
+    /// With `access_log = "all"`, the fraction of successful requests logged (errors always are).
+    pub access_log_sample: f64,
 }
 
 impl Default for HttpConfig {
@@ -160,8 +164,19 @@ impl Default for HttpConfig {
         Self {
             listen: "0.0.0.0:80".into(),
             health_path: "/_berth/health".into(),
+            access_log: AccessLogMode::Errors,
+            access_log_sample: 1.0,
         }
     }
+}
+
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum AccessLogMode {
+    Off,
+    #[default]
+    Errors,
+    All,
 }
 
 #[derive(Debug, Clone, Deserialize)]
@@ -256,6 +271,23 @@ pub struct AppConfig {
     pub health: HealthConfig,
     #[serde(default)]
     pub restart: RestartConfig,
+    #[serde(default)]
+    pub access: Option<AccessConfig>,
+}
+
+/// `[apps.NAME.access]`: who may reach the app. Checked by berth before the request is
+/// forwarded; denied requests never reach the container.
+#[derive(Debug, Clone, Default, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct AccessConfig {
+    /// Client networks (CIDR) allowed in; empty: any address.
+    pub allow: Vec<String>,
+    /// Networks of proxies (the ALB's subnets) whose X-Forwarded-For is believed.
+    pub trusted_proxies: Vec<String>,
+    /// Names of secrets holding API keys, sent as `Authorization: Bearer KEY` or `X-Api-Key: KEY`.
+    pub api_keys: Vec<String>,
+    /// HTTP Basic users: user name → name of the secret holding the password.
+    pub basic_auth: BTreeMap<String, String>,
 }
 
 fn default_stop_timeout() -> Dur {
@@ -545,6 +577,9 @@ impl Config {
         // [http] / [https]
         v.socket_addr("http.listen", &self.http.listen);
         v.socket_addr("https.listen", &self.https.listen);
+        if !(0.0..=1.0).contains(&self.http.access_log_sample) {
+            v.err("http.access_log_sample", format!("{} must be between 0.0 and 1.0", self.http.access_log_sample));
+        }
         if !self.http.health_path.starts_with('/') {
             v.err("http.health_path", "must start with '/'");
         } else if self.http.health_path.starts_with("/.well-known/acme-challenge") {
@@ -578,6 +613,14 @@ impl Config {
                 if let Some(shared) = &acme.shared {
                     if !shared.starts_with('/') || shared.ends_with('/') || shared.len() < 2 {
                         v.err("tls.acme.shared", format!("{shared:?} must be an SSM prefix like \"/myapp/prod/berth\" (leading '/', no trailing '/')"));
+                    }
+                    // secrets.path is read recursively: a fleet prefix under it would hand the
+                    // ACME account key and the certificate's private key to the app.
+                    if let Some(path) = &self.secrets.path {
+                        let path = path.trim_end_matches('/');
+                        if shared == path || shared.starts_with(&format!("{path}/")) {
+                            v.err("tls.acme.shared", format!("{shared:?} is under secrets.path {:?}, so the app would receive the ACME account and TLS private keys; use a prefix outside it, e.g. \"{path}-berth\"", self.secrets.path.as_deref().unwrap_or_default()));
+                        }
                     }
                 }
             }
@@ -699,6 +742,34 @@ impl Config {
             if h.unhealthy_threshold == 0 {
                 v.err(format!("{base}.health.unhealthy_threshold"), "must be at least 1");
             }
+            if let Some(access) = &app.access {
+                for (field, list) in [("allow", &access.allow), ("trusted_proxies", &access.trusted_proxies)] {
+                    for (i, net) in list.iter().enumerate() {
+                        if parse_net(net).is_none() {
+                            v.err(format!("{base}.access.{field}[{i}]"), format!("{net:?} is not an address or network like \"10.0.0.0/16\""));
+                        }
+                    }
+                }
+                let mut names: Vec<(String, &String)> = access
+                    .api_keys
+                    .iter()
+                    .enumerate()
+                    .map(|(i, n)| (format!("{base}.access.api_keys[{i}]"), n))
+                    .collect();
+                names.extend(access.basic_auth.iter().map(|(u, n)| (format!("{base}.access.basic_auth.{u}"), n)));
+                for (key, n) in names {
+                    if !is_mapped_secret_name(n) {
+                        v.err(&key, format!("{n:?} must name a secret (upper-case mapped name like API_KEY), not hold a value"));
+                    } else if !self.has_secrets() {
+                        v.err(&key, "names a secret but [secrets] has neither path nor parameters");
+                    }
+                }
+                for user in access.basic_auth.keys() {
+                    if user.is_empty() || user.contains(':') {
+                        v.err(format!("{base}.access.basic_auth"), format!("user name {user:?} must be non-empty and contain no ':'"));
+                    }
+                }
+            }
             let r = &app.restart;
             if r.initial_backoff.is_zero() {
                 v.err(format!("{base}.restart.initial_backoff"), "must be greater than 0s (a crash loop would spin)");
@@ -792,6 +863,11 @@ pub fn parse_route(r: &str) -> Result<(String, String), &'static str> {
         return Err("has an invalid path prefix");
     }
     Ok((host.to_ascii_lowercase(), prefix.to_string()))
+}
+
+/// `10.0.0.0/16`, or a bare address meaning just that host.
+pub fn parse_net(s: &str) -> Option<ipnet::IpNet> {
+    s.parse::<ipnet::IpNet>().ok().or_else(|| s.parse::<std::net::IpAddr>().ok().map(ipnet::IpNet::from))
 }
 
 fn is_env_name(k: &str) -> bool {

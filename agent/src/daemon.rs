@@ -16,6 +16,7 @@ use anyhow::Context;
 use berth_proxy::challenge::ChallengeResponder;
 use berth_proxy::forward::{ForwardLimits, Forwarder};
 use berth_proxy::health::Health;
+use berth_proxy::https::Observers;
 use berth_proxy::routes::{Route, RouteTable, Router};
 use berth_proxy::server::{self, Limits};
 use berth_proxy::tls::{self, CertStore};
@@ -23,7 +24,11 @@ use tokio::net::TcpListener;
 use tokio::signal::unix::{signal, SignalKind};
 use tokio_util::sync::CancellationToken;
 
+use crate::access;
+use crate::admin;
 use crate::config::Config;
+use crate::metrics::{Metrics, MetricsEndpoint};
+use crate::status::Live;
 use crate::secrets;
 use crate::supervisor::{self, StatusBoard};
 use tokio::sync::watch;
@@ -74,6 +79,11 @@ async fn run(config: Config, path: PathBuf) -> anyhow::Result<()> {
     let tls_config = certs.server_config()?;
     let router = Router::new();
     router.set_routes(route_table(&config));
+    access::close_until_secrets(&config, &router);
+
+    let status: StatusBoard = Default::default();
+    let live = Arc::new(Live::new(config.clone(), health.clone(), status.clone()));
+    let metrics = Arc::new(Metrics::new(live.clone()));
 
     // 3. Servers. They run until `shutdown` fires, then drain.
     let shutdown = CancellationToken::new();
@@ -100,27 +110,51 @@ async fn run(config: Config, path: PathBuf) -> anyhow::Result<()> {
             health: health.clone(),
             router: router.clone(),
             forwarder: Forwarder::new(ForwardLimits::default()),
-            observer: None,
+            observer: Some(Arc::new(Observers(vec![
+                Arc::new(metrics.requests.clone()),
+                Arc::new(access::AccessLog {
+                    mode: config.http.access_log,
+                    sample: config.http.access_log_sample,
+                }),
+            ]))),
         }),
         shutdown.clone(),
         drain,
     ));
 
+    let mut side_servers = Vec::new();
+    if !config.agent.metrics_listen.is_empty() {
+        let listener = TcpListener::from_std(bind(&config.agent.metrics_listen).with_context(|| {
+            format!("binding metrics listener {}", config.agent.metrics_listen)
+        })?)?;
+        tracing::info!(addr = %config.agent.metrics_listen, "metrics at /metrics");
+        side_servers.push(tokio::spawn(server::serve(
+            listener,
+            None,
+            Limits::default(),
+            Arc::new(MetricsEndpoint(metrics.clone())),
+            shutdown.clone(),
+            std::time::Duration::from_secs(1),
+        )));
+    }
+    {
+        let (path, live, shutdown) = (config.agent.admin_socket.clone(), live.clone(), shutdown.clone());
+        tokio::spawn(async move {
+            if let Err(e) = admin::serve(path, live, shutdown).await {
+                // berth still serves traffic without it; say so loudly.
+                tracing::error!(error = format!("{e:#}"), "admin socket unavailable: berth status/deploy/renew will not work");
+            }
+        });
+    }
+
     // 4. Supervision: secrets first (the containers need them), then Docker, then one task
     //    per app. It runs in the background so that a slow SSM or Docker never holds up
     //    READY=1; it says what it waits for in the status line instead.
-    let status: StatusBoard = Default::default();
-    let boot = tokio::spawn(start_supervision(
-        config.clone(),
-        router.clone(),
-        health.clone(),
-        status.clone(),
-        shutdown.clone(),
-    ));
+    let boot = tokio::spawn(start_supervision(config.clone(), router.clone(), live.clone(), shutdown.clone()));
 
     // 5. Ready: listeners are up and supervision has started.
-    systemd::ready(&status_line(&config, &health, &status));
-    tokio::spawn(report_status(config.clone(), health.clone(), status.clone(), shutdown.clone()));
+    systemd::ready(&live.status_line());
+    tokio::spawn(report_status(live.clone(), shutdown.clone()));
     if let Some(period) = systemd::spawn_watchdog() {
         tracing::info!(period = ?period, "systemd watchdog armed");
     }
@@ -148,6 +182,9 @@ async fn run(config: Config, path: PathBuf) -> anyhow::Result<()> {
     tracing::info!("closing listeners; finishing in-flight requests");
     shutdown.cancel();
     let _ = tokio::join!(http_server, https_server);
+    for s in side_servers {
+        let _ = s.await;
+    }
     boot.abort();
     tracing::info!("stopped");
     Ok(())
@@ -205,12 +242,12 @@ fn route_table(config: &Config) -> RouteTable {
 
 /// Secrets, then Docker, then the app tasks. Never fails: every wait is retried with
 /// backoff and reported, and shutdown cancels it.
-async fn start_supervision(config: Config, router: Router, health: Health, status: StatusBoard, shutdown: CancellationToken) {
+async fn start_supervision(config: Config, router: Router, live: Arc<Live>, shutdown: CancellationToken) {
     let secrets_rx = if config.has_secrets() {
         let sdk = crate::aws::sdk_config(&config.aws).await;
         let source = secrets::SecretsSource::new(&sdk, &config.secrets);
         let first = source.fetch_with_retry(&secrets::RetryPolicy::DAEMON, |e, wait| {
-            systemd::status(&format!("waiting for SSM: {} (retry in {}s)", e.kind(), wait.as_secs()));
+            live.set_waiting(Some(format!("waiting for SSM: {} (retry in {}s)", e.kind(), wait.as_secs())));
         });
         let initial = tokio::select! {
             r = first => match r {
@@ -224,7 +261,11 @@ async fn start_supervision(config: Config, router: Router, health: Health, statu
             _ = shutdown.cancelled() => return,
         };
         tracing::info!(count = initial.len(), "secrets fetched");
-        secrets::spawn_refresh(source, config.secrets.refresh_interval.0, initial).subscribe()
+        live.set_waiting(None);
+        let handle = secrets::spawn_refresh(source, config.secrets.refresh_interval.0, initial);
+        let rx = handle.subscribe();
+        let _ = live.secrets.set(handle);
+        rx
     } else {
         // No secrets configured: a set that never changes. The sender lives as long as
         // the receivers need it.
@@ -232,27 +273,30 @@ async fn start_supervision(config: Config, router: Router, health: Health, statu
         std::mem::forget(tx);
         rx
     };
+    tokio::spawn(access::keep_policies(config.clone(), router.clone(), secrets_rx.clone()));
     if config.apps.is_empty() {
         return;
     }
-    let Some(docker) = supervisor::connect(&shutdown, |s| systemd::status(s)).await else { return };
+    let Some(docker) = supervisor::connect(&shutdown, |s| live.set_waiting(Some(s.to_string()))).await else { return };
+    live.set_waiting(None);
     let shared = supervisor::Shared {
         docker,
         router,
-        health,
-        status,
+        health: live.health.clone(),
+        status: live.apps.clone(),
         shutdown,
         drain_timeout: config.agent.drain_timeout.0,
         on_change: config.secrets.on_change,
     };
-    let _supervisor = supervisor::start(shared, &config.apps, secrets_rx);
+    let supervisor = supervisor::start(shared, &config.apps, secrets_rx);
+    let _ = live.deploys.set(supervisor.deploys);
 }
 
 /// Keeps the systemd status line current.
-async fn report_status(config: Config, health: Health, status: StatusBoard, shutdown: CancellationToken) {
+async fn report_status(live: Arc<Live>, shutdown: CancellationToken) {
     let mut last = String::new();
     loop {
-        let line = status_line(&config, &health, &status);
+        let line = live.status_line();
         if line != last {
             systemd::status(&line);
             last = line;
@@ -262,28 +306,4 @@ async fn report_status(config: Config, health: Health, status: StatusBoard, shut
             _ = shutdown.cancelled() => return,
         }
     }
-}
-
-/// What `systemctl status berth` shows: the one thing an operator needs to know, e.g.
-/// `serving web (healthy, sha256:ab12cd34ef56)` or what it waits for.
-fn status_line(config: &Config, health: &Health, status: &StatusBoard) -> String {
-    if config.apps.is_empty() {
-        return "serving: no apps configured".into();
-    }
-    let unhealthy = health.unhealthy();
-    let board = status.lock().unwrap();
-    let parts: Vec<String> = config
-        .apps
-        .keys()
-        .map(|app| {
-            let s = board.get(app);
-            let image = s.and_then(|s| s.image_id.as_deref()).map(|i| &i[..i.len().min(19)]).unwrap_or("no image yet");
-            match unhealthy.get(app) {
-                None => format!("{app} (healthy, {image})"),
-                Some(why) => format!("{app} ({why})"),
-            }
-        })
-        .collect();
-    let verb = if unhealthy.is_empty() { "serving" } else { "waiting:" };
-    format!("{verb} {}", parts.join(", "))
 }

@@ -1,15 +1,19 @@
 //! `berth`: the thin binary. Parses the command line and hands off to one module per job;
 //! the daemon's wiring reads top to bottom in [`daemon::run`].
 
+mod access;
+mod admin;
 mod aws;
 mod backoff;
 mod cli;
 mod config;
 mod daemon;
 mod logging;
+mod metrics;
 mod plan;
 mod secrets;
 mod state;
+mod status;
 mod supervisor;
 mod systemd;
 
@@ -39,9 +43,9 @@ fn main() -> ExitCode {
                 Err(e) => config_failure(&e),
             }
         }
-        Command::Status { config, .. } | Command::Deploy { config, .. } | Command::Renew { config, .. } => {
-            control_not_available(&config.path)
-        }
+        Command::Status { config, json } => control(&config.path, admin::Request::Status, json),
+        Command::Deploy { config, app, image } => control(&config.path, admin::Request::Deploy { app, image }, false),
+        Command::Renew { config, domain } => control(&config.path, admin::Request::Renew { domain }, false),
     }
 }
 
@@ -99,14 +103,46 @@ fn config_failure(e: &ConfigError) -> ExitCode {
     ExitCode::from(exit::CONFIG)
 }
 
-/// `status`, `deploy` and `renew` talk to the daemon's admin socket.
-fn control_not_available(path: &std::path::Path) -> ExitCode {
-    let socket = Config::load(path)
-        .map(|c| c.agent.admin_socket)
-        .unwrap_or_else(|_| config::AgentConfig::default().admin_socket);
-    eprintln!(
-        "berth: no berth daemon answers on {} (the admin socket is not available in this build yet)",
-        socket.display()
-    );
-    ExitCode::from(exit::UNAVAILABLE)
+/// `status`, `deploy` and `renew` talk to the daemon over its admin socket. Exit 69 when
+/// no daemon answers, 1 when it answered "that did not work".
+fn control(path: &std::path::Path, req: admin::Request, json: bool) -> ExitCode {
+    // The socket path comes from the config; a broken config still lets us try the default.
+    let socket = match Config::load(path) {
+        Ok(c) => c.agent.admin_socket,
+        Err(e) => {
+            eprintln!("berth: {e}\nberth: trying the default admin socket");
+            config::AgentConfig::default().admin_socket
+        }
+    };
+    // Deploys wait for health checks and renewals for the CA: allow them time.
+    let timeout = match req {
+        admin::Request::Status => std::time::Duration::from_secs(10),
+        _ => std::time::Duration::from_secs(900),
+    };
+    let rt = match tokio::runtime::Builder::new_current_thread().enable_all().build() {
+        Ok(rt) => rt,
+        Err(e) => {
+            eprintln!("berth: cannot start the async runtime: {e}");
+            return ExitCode::FAILURE;
+        }
+    };
+    match rt.block_on(admin::call(&socket, &req, timeout)) {
+        Err(e) => {
+            eprintln!("berth: {e}");
+            ExitCode::from(exit::UNAVAILABLE)
+        }
+        Ok(resp) => {
+            match (&resp.status, json) {
+                (Some(report), true) => println!("{}", serde_json::to_string_pretty(report).unwrap_or_default()),
+                (Some(report), false) => print!("{}", status::render(report)),
+                (None, _) if resp.ok => println!("{}", resp.message),
+                (None, _) => eprintln!("berth: {}", resp.message),
+            }
+            if resp.ok {
+                ExitCode::SUCCESS
+            } else {
+                ExitCode::FAILURE
+            }
+        }
+    }
 }

@@ -441,9 +441,16 @@ impl Call<'_> {
             },
             "AccessDeniedException" | "AccessDenied" | "UnauthorizedOperation" | "NotAuthorized" => {
                 let performed = performed_action(&message).unwrap_or(self.action).to_string();
-                let resource = resource_in(&message).map(str::to_owned).unwrap_or_else(|| self.scope_text());
+                let named = resource_in(&message);
+                let resource = named.map(str::to_owned).unwrap_or_else(|| self.scope_text());
+                // Denied further down the chain (Secrets Manager behind a reference, KMS
+                // behind a SecureString): the grant to add is the one AWS named.
+                let needed = match named {
+                    Some(arn) if performed != self.action => format!("{performed} on {arn}"),
+                    _ => self.needed_grant(&message),
+                };
                 SecretsError::AccessDenied {
-                    needed: self.needed_grant(&message),
+                    needed,
                     action: performed,
                     resource,
                     message,

@@ -41,7 +41,7 @@ pub const LABEL_APP: &str = "berth.app";
 pub const LABEL_HASH: &str = "berth.config-hash";
 
 /// What `berth status` and `/metrics` show about one app.
-#[derive(Debug, Clone, Default, Serialize)]
+#[derive(Debug, Clone, Default, Serialize, serde::Deserialize)]
 pub struct AppStatus {
     pub state: String,
     pub healthy: bool,

@@ -6,16 +6,44 @@ use std::time::{Duration, Instant};
 use http::{header, Response, StatusCode};
 use hyper::body::Incoming;
 
+use crate::access::Decision;
 use crate::forward::Forwarder;
 use crate::health::Health;
 use crate::routes::Router;
 use crate::server::{ConnInfo, Handler};
 use crate::{text_response, Body};
 
-/// Told about every proxied request, for metrics and access logs. Implementations must be
-/// cheap: they run on the request path.
+/// One answered request, as metrics and access logs see it.
+#[derive(Debug)]
+pub struct RequestRecord<'a> {
+    pub app: Option<&'a str>,
+    pub status: StatusCode,
+    /// From the request head to the response head (the body may still be streaming).
+    pub elapsed: Duration,
+    pub method: &'a http::Method,
+    pub host: &'a str,
+    pub path: &'a str,
+    pub peer: std::net::SocketAddr,
+    pub upstream: Option<std::net::SocketAddr>,
+    /// The response's Content-Length, when it has one.
+    pub bytes: Option<u64>,
+}
+
+/// Told about every request answered on `:443`, for metrics and access logs.
+/// Implementations must be cheap: they run on the request path.
 pub trait Observer: Send + Sync + 'static {
-    fn observe(&self, app: Option<&str>, status: StatusCode, elapsed: Duration);
+    fn observe(&self, record: &RequestRecord<'_>);
+}
+
+/// Several observers as one.
+pub struct Observers(pub Vec<Arc<dyn Observer>>);
+
+impl Observer for Observers {
+    fn observe(&self, record: &RequestRecord<'_>) {
+        for o in &self.0 {
+            o.observe(record);
+        }
+    }
 }
 
 pub struct Https {
@@ -32,31 +60,78 @@ impl Handler for Https {
         if req.uri().path() == self.health_path {
             return self.health.response();
         }
-        let (app, resp) = self.route(req, conn).await;
-        if let Some(o) = &self.observer {
-            o.observe(app.as_deref(), resp.status(), started.elapsed());
-        }
+        let Some(observer) = &self.observer else {
+            return self.route(req, conn).await.1;
+        };
+        // Keep what the record needs before the request is moved into the forwarder.
+        let method = req.method().clone();
+        let host = request_host(&req).unwrap_or_default();
+        let path = req.uri().path().to_owned();
+        let (route, resp) = self.route(req, conn).await;
+        let bytes = resp
+            .headers()
+            .get(header::CONTENT_LENGTH)
+            .and_then(|v| v.to_str().ok())
+            .and_then(|v| v.parse().ok());
+        observer.observe(&RequestRecord {
+            app: route.app.as_deref(),
+            status: resp.status(),
+            elapsed: started.elapsed(),
+            method: &method,
+            host: &host,
+            path: &path,
+            peer: conn.peer,
+            upstream: route.upstream,
+            bytes,
+        });
         resp
     }
 }
 
 impl Https {
-    async fn route(&self, req: http::Request<Incoming>, conn: &ConnInfo) -> (Option<Arc<str>>, Response<Body>) {
+    async fn route(&self, req: http::Request<Incoming>, conn: &ConnInfo) -> (Routed, Response<Body>) {
+        let mut routed = Routed::default();
         let Some(host) = request_host(&req) else {
-            return (None, text_response(StatusCode::BAD_REQUEST, "missing Host header"));
+            return (routed, text_response(StatusCode::BAD_REQUEST, "missing Host header"));
         };
         let Some(app) = self.router.app_for(crate::http80::strip_port(&host), req.uri().path()) else {
             // 421: this server is not the one for that name; the client may retry elsewhere.
-            return (None, text_response(StatusCode::MISDIRECTED_REQUEST, "no app is configured for this host"));
+            return (routed, text_response(StatusCode::MISDIRECTED_REQUEST, "no app is configured for this host"));
         };
+        routed.app = Some(app.clone());
+        // Access control before anything touches the app.
+        if let Some(policy) = self.router.policy(&app) {
+            match policy.check(conn.peer.ip(), req.headers()) {
+                Decision::Allow => {}
+                Decision::Forbidden { client } => {
+                    tracing::debug!(app = %app, %client, "denied: address not allowed");
+                    return (routed, text_response(StatusCode::FORBIDDEN, "forbidden"));
+                }
+                Decision::Unauthorized { client, basic } => {
+                    tracing::debug!(app = %app, %client, "denied: missing or wrong credentials");
+                    let mut resp = text_response(StatusCode::UNAUTHORIZED, "unauthorized");
+                    let challenge = if basic { "Basic realm=\"berth\"" } else { "Bearer" };
+                    resp.headers_mut().insert(header::WWW_AUTHENTICATE, http::HeaderValue::from_static(challenge));
+                    return (routed, resp);
+                }
+            }
+        }
         let Some((upstream, in_flight)) = self.router.acquire(&app) else {
             let mut resp = text_response(StatusCode::SERVICE_UNAVAILABLE, "the app has no healthy container right now");
             resp.headers_mut().insert(header::RETRY_AFTER, http::HeaderValue::from_static("2"));
-            return (Some(app), resp);
+            return (routed, resp);
         };
+        routed.upstream = Some(upstream);
         let resp = self.forwarder.forward(req, upstream, &host, conn, in_flight).await;
-        (Some(app), resp)
+        (routed, resp)
     }
+}
+
+/// Where a request went.
+#[derive(Default)]
+struct Routed {
+    app: Option<Arc<str>>,
+    upstream: Option<std::net::SocketAddr>,
 }
 
 /// The host the client asked for: `:authority` (HTTP/2, absolute-form) or `Host`.

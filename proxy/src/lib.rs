@@ -11,6 +11,7 @@
 //! Every swap is lock-free on the request path (arc-swap), so a rollout or a renewal never
 //! stalls traffic.
 
+pub mod access;
 pub mod challenge;
 pub mod forward;
 pub mod health;

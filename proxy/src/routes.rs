@@ -16,6 +16,8 @@ use std::sync::Arc;
 
 use arc_swap::ArcSwap;
 
+use crate::access::AccessPolicy;
+
 /// One routing rule: requests for `host` whose path starts with `prefix` go to `app`.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Route {
@@ -88,6 +90,8 @@ pub struct Router {
     routes: Arc<ArcSwap<RouteTable>>,
     /// app → its backend; an app with no entry has no serving container (503).
     backends: Arc<ArcSwap<HashMap<Arc<str>, Arc<Backend>>>>,
+    /// app → who may reach it; an app with no entry is open to everyone.
+    policies: Arc<ArcSwap<HashMap<Arc<str>, Arc<AccessPolicy>>>>,
 }
 
 impl Router {
@@ -122,6 +126,22 @@ impl Router {
             next
         });
         previous
+    }
+
+    /// Sets (or, with `None` or an open policy, clears) the access policy of `app`.
+    pub fn set_policy(&self, app: &str, policy: Option<AccessPolicy>) {
+        self.policies.rcu(|current| {
+            let mut next = HashMap::clone(current);
+            match &policy {
+                Some(p) if !p.is_open() => next.insert(Arc::from(app), Arc::new(p.clone())),
+                _ => next.remove(app),
+            };
+            next
+        });
+    }
+
+    pub fn policy(&self, app: &str) -> Option<Arc<AccessPolicy>> {
+        self.policies.load().get(app).cloned()
     }
 
     pub fn backend(&self, app: &str) -> Option<Arc<Backend>> {

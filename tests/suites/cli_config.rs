@@ -17,7 +17,7 @@ mode = "acme"
 domains = ["api.example.com", "www.example.com"]
 [tls.acme]
 contact = ["mailto:ops@example.com"]
-shared = "/myapp/prod/berth"
+shared = "/myapp/berth"
 
 [apps.web]
 image = "registry.example.com/web:1.2.3"
@@ -77,7 +77,7 @@ fn good_config_prints_the_resolved_plan() {
     for expected in [
         "is valid",
         "acme for api.example.com, www.example.com",
-        "shared in SSM under /myapp/prod/berth",
+        "shared in SSM under /myapp/berth",
         "/myapp/prod/ (recursive",
         "/shared/GITHUB_TOKEN -> GITHUB_TOKEN",
         "/aws/reference/secretsmanager/myapp/db -> DB",
@@ -266,4 +266,21 @@ fn status_without_a_daemon_exits_69() {
     let o = berth(&["status", "-c", path.to_str().unwrap()]);
     assert_eq!(o.code, 69, "{}", o.stderr);
     assert!(o.stderr.contains("no berth daemon answers on"), "{}", o.stderr);
+}
+
+#[test]
+fn fleet_prefix_under_the_secrets_path() {
+    // secrets.path is read recursively: the ACME keys would reach the app as env vars.
+    let src = GOOD.replace("shared = \"/myapp/berth\"", "shared = \"/myapp/prod/berth\"");
+    assert_config_error("check", &src, "tls.acme.shared", line_of(&src, "shared = "), "the app would receive the ACME account and TLS private keys");
+}
+
+#[test]
+fn access_rules_name_secrets_and_networks() {
+    let src = GOOD.replace(
+        "[apps.web.health]",
+        "[apps.web.access]\nallow = [\"10.0.0.0/8\", \"not-a-net\"]\napi_keys = [\"sk_live_literal_value\"]\n[apps.web.health]",
+    );
+    let stderr = assert_config_error("check", &src, "apps.web.access.allow[1]", line_of(&src, "not-a-net"), "is not an address or network");
+    assert!(stderr.contains("`apps.web.access.api_keys[0]`") && stderr.contains("must name a secret"), "{stderr}");
 }

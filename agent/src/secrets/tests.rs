@@ -217,6 +217,19 @@ fn service_errors_are_classified_for_operators() {
     assert!(msg.contains("arn:aws:ssm:eu-central-1:ACCOUNT_ID:parameter/aws/reference/secretsmanager/myapp/db"), "{msg}");
     assert!(msg.contains("arn:aws:ssm:eu-central-1:ACCOUNT_ID:parameter/shared-token"), "{msg}");
     assert!(msg.contains("secretsmanager:GetSecretValue"), "{msg}");
+    let sm = c
+        .classify_service(
+            "AccessDeniedException".into(),
+            "User: arn:aws:sts::111122223333:assumed-role/web/i-1 is not authorized to perform: \
+             secretsmanager:GetSecretValue on resource: arn:aws:secretsmanager:eu-central-1:111122223333:secret:myapp/db-AbCdEf"
+                .into(),
+            400,
+        )
+        .to_string();
+    assert!(
+        sm.contains("role needs secretsmanager:GetSecretValue on arn:aws:secretsmanager:eu-central-1:111122223333:secret:myapp/db-AbCdEf"),
+        "{sm}"
+    );
 }
 
 // ---------------------------------------------------------------------------------------

@@ -1,0 +1,152 @@
+//! `/metrics` in the Prometheus text format, with prometheus-client doing the encoding.
+//!
+//! Two kinds of metric live here:
+//! - request metrics, updated on the hot path by the proxy through [`RequestMetrics`]
+//!   (the proxy's `Observer` hook): one counter increment and one histogram observation;
+//! - state metrics (health, restarts, secrets refreshes, certificates), read from [`Live`]
+//!   at scrape time by a collector, so there is no second copy of the state to keep in sync.
+
+use std::sync::Arc;
+
+use berth_proxy::https::{Observer, RequestRecord};
+use berth_proxy::server::{ConnInfo, Handler};
+use berth_proxy::{text_response, Body};
+use http::StatusCode;
+use hyper::body::Incoming;
+use prometheus_client::collector::Collector;
+use prometheus_client::encoding::{DescriptorEncoder, EncodeMetric};
+use prometheus_client::metrics::counter::{ConstCounter, Counter};
+use prometheus_client::metrics::family::Family;
+use prometheus_client::metrics::gauge::ConstGauge;
+use prometheus_client::metrics::histogram::Histogram;
+use prometheus_client::registry::Registry;
+
+use crate::status::Live;
+
+type RequestLabels = [(&'static str, String); 2];
+type AppLabel = [(&'static str, String); 1];
+
+/// Request counters and latency, fed by the proxy.
+#[derive(Clone)]
+pub struct RequestMetrics {
+    requests: Family<RequestLabels, Counter>,
+    duration: Family<AppLabel, Histogram>,
+}
+
+impl std::fmt::Debug for RequestMetrics {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("RequestMetrics")
+    }
+}
+
+impl Observer for RequestMetrics {
+    fn observe(&self, r: &RequestRecord<'_>) {
+        // Requests no app took (421, bad requests) count under app="" so the totals add up.
+        let app = r.app.unwrap_or("").to_string();
+        self.requests
+            .get_or_create(&[("app", app.clone()), ("code", r.status.as_str().to_string())])
+            .inc();
+        self.duration.get_or_create(&[("app", app)]).observe(r.elapsed.as_secs_f64());
+    }
+}
+
+/// The registry behind `/metrics`.
+pub struct Metrics {
+    registry: Registry,
+    pub requests: RequestMetrics,
+}
+
+impl Metrics {
+    pub fn new(live: Arc<Live>) -> Self {
+        let mut registry = Registry::default();
+        let requests = RequestMetrics {
+            requests: Family::default(),
+            duration: Family::new_with_constructor(|| {
+                // 1 ms .. ~16 s: proxy overhead is sub-millisecond, apps are slower.
+                Histogram::new([0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0])
+            }),
+        };
+        registry.register(
+            "berth_http_requests",
+            "HTTPS requests answered, by app and status code",
+            requests.requests.clone(),
+        );
+        registry.register(
+            "berth_http_request_duration_seconds",
+            "Time from request head to response head, by app",
+            requests.duration.clone(),
+        );
+        registry.register_collector(Box::new(StateCollector { live }));
+        Metrics { registry, requests }
+    }
+
+    pub fn encode(&self) -> String {
+        let mut out = String::new();
+        if let Err(e) = prometheus_client::encoding::text::encode(&mut out, &self.registry) {
+            tracing::warn!(error = %e, "encoding metrics failed");
+        }
+        out
+    }
+}
+
+/// State read from [`Live`] at each scrape.
+struct StateCollector {
+    live: Arc<Live>,
+}
+
+impl std::fmt::Debug for StateCollector {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("StateCollector")
+    }
+}
+
+impl Collector for StateCollector {
+    fn encode(&self, mut encoder: DescriptorEncoder) -> Result<(), std::fmt::Error> {
+        let unhealthy = self.live.health.unhealthy();
+        let apps = self.live.apps.lock().unwrap().clone();
+
+        let g = ConstGauge::new(0i64);
+        let mut m = encoder.encode_descriptor("berth_app_healthy", "1 when the app passes its health checks and is routed", None, g.metric_type())?;
+        for name in self.live.config.apps.keys() {
+            let healthy = !unhealthy.contains_key(name) && apps.get(name).is_some_and(|s| s.healthy);
+            ConstGauge::new(healthy as i64).encode(m.encode_family(&[("app", name.as_str())])?)?;
+        }
+
+        let c = ConstCounter::new(0u64);
+        let mut m = encoder.encode_descriptor("berth_container_restarts", "Container restarts after a crash, by app", None, c.metric_type())?;
+        for name in self.live.config.apps.keys() {
+            let n = apps.get(name).map_or(0, |s| s.restarts);
+            ConstCounter::new(n).encode(m.encode_family(&[("app", name.as_str())])?)?;
+        }
+
+        if let Some(h) = self.live.secrets.get() {
+            let s = h.status();
+            let mut m = encoder.encode_descriptor("berth_secrets_refresh", "Secrets fetches from SSM, by result", None, c.metric_type())?;
+            ConstCounter::new(s.refresh_ok).encode(m.encode_family(&[("result", "ok")])?)?;
+            ConstCounter::new(s.refresh_error).encode(m.encode_family(&[("result", "error")])?)?;
+        }
+
+        let info = ConstGauge::new(1i64);
+        let m = encoder.encode_descriptor("berth_build_info", "Version and git revision of the running berth", None, info.metric_type())?;
+        let mut m = m;
+        info.encode(m.encode_family(&[("version", env!("CARGO_PKG_VERSION")), ("revision", env!("BERTH_GIT_REV"))])?)?;
+        Ok(())
+    }
+}
+
+/// Serves `GET /metrics` on `agent.metrics_listen`.
+pub struct MetricsEndpoint(pub Arc<Metrics>);
+
+impl Handler for MetricsEndpoint {
+    async fn handle(&self, req: http::Request<Incoming>, _conn: &ConnInfo) -> http::Response<Body> {
+        if req.uri().path() != "/metrics" {
+            return text_response(StatusCode::NOT_FOUND, "metrics are at /metrics");
+        }
+        let mut resp = http::Response::new(berth_proxy::full_body(self.0.encode()));
+        resp.headers_mut().insert(
+            http::header::CONTENT_TYPE,
+            http::HeaderValue::from_static("application/openmetrics-text; version=1.0.0; charset=utf-8"),
+        );
+        resp
+    }
+}

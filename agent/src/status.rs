@@ -1,0 +1,213 @@
+//! The daemon's live state, in one place, as operators see it: `berth status` (through the
+//! admin socket), `/metrics`, and the systemd status line all read from [`Live`].
+//!
+//! Parts arrive at different times (secrets after the first fetch, the supervisor after
+//! Docker answers), so they sit in `OnceLock`s and every reader copes with "not yet".
+
+use std::collections::{BTreeMap, HashMap};
+use std::sync::OnceLock;
+use std::time::{Instant, SystemTime, UNIX_EPOCH};
+
+use berth_proxy::health::Health;
+use serde::Serialize;
+use tokio::sync::mpsc;
+
+use crate::config::Config;
+use crate::secrets::SecretsHandle;
+use crate::supervisor::{AppStatus, DeployRequest, StatusBoard};
+
+pub struct Live {
+    pub config: Config,
+    pub health: Health,
+    pub apps: StatusBoard,
+    pub secrets: OnceLock<SecretsHandle>,
+    pub deploys: OnceLock<HashMap<String, mpsc::Sender<DeployRequest>>>,
+    /// What supervision is waiting for, when it is (e.g. "waiting for SSM: throttled").
+    pub waiting: std::sync::Mutex<Option<String>>,
+    pub started: Instant,
+}
+
+impl Live {
+    pub fn new(config: Config, health: Health, apps: StatusBoard) -> Self {
+        Live {
+            config,
+            health,
+            apps,
+            secrets: OnceLock::new(),
+            deploys: OnceLock::new(),
+            waiting: Default::default(),
+            started: Instant::now(),
+        }
+    }
+
+    pub fn set_waiting(&self, what: Option<String>) {
+        *self.waiting.lock().unwrap() = what;
+    }
+
+    /// The whole status as `berth status --json` prints it. Names, digests, times, counts:
+    /// never a secret value.
+    pub fn report(&self) -> StatusReport {
+        let unhealthy = self.health.unhealthy();
+        let apps = self.apps.lock().unwrap().clone();
+        let apps = self
+            .config
+            .apps
+            .iter()
+            .map(|(name, cfg)| {
+                let mut s = apps.get(name).cloned().unwrap_or_default();
+                s.healthy = !unhealthy.contains_key(name) && s.healthy;
+                (
+                    name.clone(),
+                    AppReport {
+                        problem: unhealthy.get(name).cloned(),
+                        routes: cfg.routes.clone(),
+                        status: s,
+                    },
+                )
+            })
+            .collect();
+        let secrets = self.secrets.get().map(|h| {
+            let s = h.status();
+            SecretsReport {
+                source: s.source,
+                count: s.count,
+                last_success_unix: unix(s.last_success),
+                last_error: s.last_error,
+                refresh_ok: s.refresh_ok,
+                refresh_error: s.refresh_error,
+                changes: s.changes,
+            }
+        });
+        StatusReport {
+            version: crate::VERSION_LINE.lines().next().unwrap_or_default().to_string(),
+            uptime_seconds: self.started.elapsed().as_secs(),
+            healthy: self.health.is_healthy(),
+            draining: self.health.is_draining(),
+            waiting_for: self.waiting.lock().unwrap().clone(),
+            apps,
+            secrets,
+            tls_mode: self.config.tls.mode.to_string(),
+            domains: self.config.tls.domains.clone(),
+        }
+    }
+
+    /// What `systemctl status berth` shows: the one thing an operator needs to know, e.g.
+    /// `serving web (healthy, sha256:ab12cd34ef56)` or what it waits for.
+    pub fn status_line(&self) -> String {
+        if let Some(w) = self.waiting.lock().unwrap().clone() {
+            return w;
+        }
+        if self.health.is_draining() {
+            return "stopping: draining".into();
+        }
+        if self.config.apps.is_empty() {
+            return "serving: no apps configured".into();
+        }
+        let unhealthy = self.health.unhealthy();
+        let board = self.apps.lock().unwrap();
+        let parts: Vec<String> = self
+            .config
+            .apps
+            .keys()
+            .map(|app| {
+                let image = board
+                    .get(app)
+                    .and_then(|s| s.image_id.as_deref())
+                    .map(|i| i[..i.len().min(19)].to_string())
+                    .unwrap_or_else(|| "no image yet".into());
+                match unhealthy.get(app) {
+                    None => format!("{app} (healthy, {image})"),
+                    Some(why) => format!("{app} ({why})"),
+                }
+            })
+            .collect();
+        let verb = if unhealthy.is_empty() { "serving" } else { "waiting:" };
+        format!("{verb} {}", parts.join(", "))
+    }
+}
+
+fn unix(t: SystemTime) -> u64 {
+    t.duration_since(UNIX_EPOCH).map(|d| d.as_secs()).unwrap_or(0)
+}
+
+#[derive(Debug, Clone, Serialize, serde::Deserialize)]
+pub struct StatusReport {
+    pub version: String,
+    pub uptime_seconds: u64,
+    pub healthy: bool,
+    pub draining: bool,
+    pub waiting_for: Option<String>,
+    pub apps: BTreeMap<String, AppReport>,
+    pub secrets: Option<SecretsReport>,
+    pub tls_mode: String,
+    pub domains: Vec<String>,
+}
+
+#[derive(Debug, Clone, Serialize, serde::Deserialize)]
+pub struct AppReport {
+    pub problem: Option<String>,
+    pub routes: Vec<String>,
+    #[serde(flatten)]
+    pub status: AppStatus,
+}
+
+#[derive(Debug, Clone, Serialize, serde::Deserialize)]
+pub struct SecretsReport {
+    pub source: String,
+    pub count: usize,
+    pub last_success_unix: u64,
+    pub last_error: Option<String>,
+    pub refresh_ok: u64,
+    pub refresh_error: u64,
+    pub changes: u64,
+}
+
+/// `berth status` for a human: one block per app, then secrets and TLS.
+pub fn render(r: &StatusReport) -> String {
+    use std::fmt::Write;
+    let mut out = String::new();
+    let w = &mut out;
+    let state = if r.draining {
+        "draining"
+    } else if r.healthy {
+        "healthy"
+    } else {
+        "NOT healthy"
+    };
+    let _ = writeln!(w, "berth {} — {state}, up {}", r.version, humantime::format_duration(std::time::Duration::from_secs(r.uptime_seconds)));
+    if let Some(wf) = &r.waiting_for {
+        let _ = writeln!(w, "waiting for: {wf}");
+    }
+    let _ = writeln!(w, "\n{:<14} {:<9} {:<14} {:<21} {:>6} {:>8}  {}", "APP", "HEALTH", "CONTAINER", "IMAGE", "PORT", "RESTARTS", "STATE");
+    for (name, a) in &r.apps {
+        let health = if a.status.healthy { "healthy" } else { "unhealthy" };
+        let container = a.status.container_id.as_deref().map(|c| &c[..c.len().min(12)]).unwrap_or("-");
+        let image = a.status.image_id.as_deref().map(|i| &i[..i.len().min(19)]).unwrap_or("-");
+        let port = a.status.port.map(|p| p.to_string()).unwrap_or_else(|| "-".into());
+        let _ = writeln!(w, "{name:<14} {health:<9} {container:<14} {image:<21} {port:>6} {:>8}  {}", a.status.restarts, a.problem.as_deref().unwrap_or(&a.status.state));
+        if let Some(e) = &a.status.last_exit {
+            let _ = writeln!(w, "{:<14} last exit: {e}", "");
+        }
+        if let Some(ro) = &a.status.last_rollout {
+            let _ = writeln!(w, "{:<14} last rollout: {ro}", "");
+        }
+    }
+    match &r.secrets {
+        Some(s) => {
+            let ago = SystemTime::now()
+                .duration_since(UNIX_EPOCH + std::time::Duration::from_secs(s.last_success_unix))
+                .map(|d| humantime::format_duration(std::time::Duration::from_secs(d.as_secs())).to_string())
+                .unwrap_or_else(|_| "just now".into());
+            let _ = writeln!(w, "\nsecrets: {} from {}, last refreshed {ago} ago ({} ok, {} failed)", s.count, s.source, s.refresh_ok, s.refresh_error);
+            if let Some(e) = &s.last_error {
+                let _ = writeln!(w, "  last refresh FAILED: {e}");
+            }
+        }
+        None => {
+            let _ = writeln!(w, "\nsecrets: none fetched");
+        }
+    }
+    let domains = if r.domains.is_empty() { "(no domains)".to_string() } else { r.domains.join(", ") };
+    let _ = writeln!(w, "tls: {} for {domains}", r.tls_mode);
+    out
+}

@@ -1,0 +1,113 @@
+//! What operators see and do without SSH gymnastics: `/metrics` (parsed with a Prometheus
+//! text parser), `berth status`, and `berth deploy`, against the real binary and Docker.
+
+use std::process::Command;
+use std::time::Duration;
+
+use berth_tests::{berth_bin, config_toml, curl, env, free_port, wait_for, Berth, Ports, TestApp, TestDir};
+use prometheus_parse::{Scrape, Value};
+
+fn scrape(port: u16) -> Scrape {
+    let (code, body) = curl(&[&format!("http://127.0.0.1:{port}/metrics")]);
+    assert_eq!(code, 200, "{body}");
+    Scrape::parse(body.lines().map(|l| Ok(l.to_string()))).expect("valid Prometheus text format")
+}
+
+/// The value of `metric` whose labels include all of `labels`.
+fn value(s: &Scrape, metric: &str, labels: &[(&str, &str)]) -> Option<f64> {
+    s.samples
+        .iter()
+        .find(|x| x.metric == metric && labels.iter().all(|(k, v)| x.labels.get(k) == Some(*v)))
+        .map(|x| match &x.value {
+            Value::Counter(v) | Value::Gauge(v) | Value::Untyped(v) => *v,
+            Value::Histogram(h) => h.iter().map(|b| b.count).fold(0.0, f64::max),
+            Value::Summary(_) => f64::NAN,
+        })
+}
+
+fn berth_cmd(args: &[&str], cfg: &std::path::Path) -> (i32, String, String) {
+    let out = Command::new(berth_bin()).args(args).arg("-c").arg(cfg).output().unwrap();
+    (
+        out.status.code().unwrap_or(-1),
+        String::from_utf8_lossy(&out.stdout).into(),
+        String::from_utf8_lossy(&out.stderr).into(),
+    )
+}
+
+#[test]
+fn metrics_status_and_deploy() {
+    let dir = TestDir::new();
+    let ports = Ports::pick();
+    let metrics_port = free_port();
+    let app = TestApp::new("obs");
+    let rest = format!(
+        r#"
+[apps.{name}]
+image = "{image}"
+port = 8080
+pull = "never"
+[apps.{name}.health]
+path = "/health"
+interval = "300ms"
+[apps.{name}.restart]
+initial_backoff = "200ms"
+max_backoff = "1s"
+"#,
+        name = app.name,
+        image = env("BERTH_TEST_APP_IMAGE"),
+    );
+    let src = config_toml(&dir, ports, "0s", "2s", &rest).replace("metrics_listen = \"\"", &format!("metrics_listen = \"127.0.0.1:{metrics_port}\""));
+    let cfg = dir.write("berth.toml", &src);
+    let berth = Berth::spawn(Berth::command(&cfg), &dir);
+    wait_for("healthy", Duration::from_secs(30), || {
+        (curl(&[&format!("http://127.0.0.1:{}/_berth/health", ports.http)]).0 == 200).then_some(())
+    });
+
+    // Traffic: exactly seven requests, and the counter moves by exactly seven.
+    let s0 = scrape(metrics_port);
+    let before = value(&s0, "berth_http_requests_total", &[("app", &app.name), ("code", "200")]).unwrap_or(0.0);
+    for _ in 0..7 {
+        assert_eq!(curl(&["-k", &format!("https://127.0.0.1:{}/", ports.https)]).0, 200);
+    }
+    let s1 = scrape(metrics_port);
+    assert_eq!(value(&s1, "berth_http_requests_total", &[("app", &app.name), ("code", "200")]), Some(before + 7.0));
+    assert!(value(&s1, "berth_http_request_duration_seconds_count", &[("app", &app.name)]).unwrap_or(0.0) >= 7.0);
+    assert_eq!(value(&s1, "berth_app_healthy", &[("app", &app.name)]), Some(1.0));
+    assert_eq!(value(&s1, "berth_container_restarts_total", &[("app", &app.name)]), Some(0.0));
+    assert_eq!(value(&s1, "berth_build_info", &[("version", env!("CARGO_PKG_VERSION"))]), Some(1.0));
+
+    // A crash: the restart counter moves and health comes back.
+    let id = app.containers(true)[0].clone();
+    Command::new("docker").args(["kill", &id]).output().unwrap();
+    wait_for("the restart to be counted", Duration::from_secs(20), || {
+        (value(&scrape(metrics_port), "berth_container_restarts_total", &[("app", &app.name)]) == Some(1.0)).then_some(())
+    });
+    wait_for("healthy again", Duration::from_secs(20), || {
+        (value(&scrape(metrics_port), "berth_app_healthy", &[("app", &app.name)]) == Some(1.0)).then_some(())
+    });
+
+    // berth status: the app, its health, container and restarts.
+    let (code, out, err) = berth_cmd(&["status"], &cfg);
+    assert_eq!(code, 0, "{err}");
+    assert!(out.contains(&app.name) && out.contains("healthy"), "{out}");
+    assert!(out.contains(&id[..12]), "status names the container: {out}");
+    let (code, json, _) = berth_cmd(&["status", "--json"], &cfg);
+    assert_eq!(code, 0);
+    let v: serde_json::Value = serde_json::from_str(&json).unwrap();
+    assert_eq!(v["apps"][&app.name]["restarts"], 1, "{json}");
+    assert_eq!(v["apps"][&app.name]["healthy"], true, "{json}");
+
+    // berth deploy: a new image rolls out and the command waits for it.
+    let (code, out, err) = berth_cmd(&["deploy", &app.name, "--image", "berth-testapp:v2"], &cfg);
+    assert_eq!(code, 0, "{out}{err}\n{}", berth.logs());
+    assert!(out.contains("now serving container"), "{out}");
+    assert!(curl(&["-k", &format!("https://127.0.0.1:{}/", ports.https)]).1.starts_with("testapp v2 "));
+    // A deploy that cannot work: exit 1, and the current container keeps serving.
+    let (code, _, err) = berth_cmd(&["deploy", &app.name, "--image", "berth-testapp:does-not-exist"], &cfg);
+    assert_eq!(code, 1, "{err}");
+    assert!(err.contains("rollout failed"), "{err}");
+    assert!(curl(&["-k", &format!("https://127.0.0.1:{}/", ports.https)]).1.starts_with("testapp v2 "));
+    let (code, _, err) = berth_cmd(&["deploy", "no-such-app"], &cfg);
+    assert_eq!(code, 1);
+    assert!(err.contains("no app named no-such-app"), "{err}");
+}
