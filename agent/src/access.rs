@@ -15,6 +15,7 @@ use tokio::sync::watch;
 
 use crate::config::{parse_net, AccessConfig, AccessLogMode, Config};
 use crate::secrets::SecretSet;
+use crate::status::Live;
 
 /// The policy for one app given the current secrets; `closed` when a named secret is missing.
 pub fn policy(cfg: &AccessConfig, secrets: &SecretSet) -> (AccessPolicy, Vec<String>) {
@@ -43,20 +44,28 @@ pub fn policy(cfg: &AccessConfig, secrets: &SecretSet) -> (AccessPolicy, Vec<Str
 }
 
 /// Keeps the router's policies in step with the secrets, for as long as the receiver lives.
-pub async fn keep_policies(config: Config, router: Router, mut secrets: watch::Receiver<Arc<SecretSet>>) {
+pub async fn keep_policies(live: Arc<Live>, router: Router, mut secrets: watch::Receiver<Arc<SecretSet>>) {
     loop {
         let current = secrets.borrow_and_update().clone();
-        for (app, cfg) in &config.apps {
-            let Some(access) = &cfg.access else { continue };
-            let (p, missing) = policy(access, &current);
-            if !missing.is_empty() {
-                tracing::error!(app = %app, missing = missing.join(", "), "access credentials name secrets that were not fetched; refusing all requests to this app");
-            }
-            router.set_policy(app, Some(p));
-        }
+        apply(&live.config(), &router, &current);
         if secrets.changed().await.is_err() {
             return;
         }
+    }
+}
+
+/// Sets every app's policy from `config` and `secrets` (also after a config reload).
+pub fn apply(config: &Config, router: &Router, secrets: &SecretSet) {
+    for (app, cfg) in &config.apps {
+        let Some(access) = &cfg.access else {
+            router.set_policy(app, None);
+            continue;
+        };
+        let (p, missing) = policy(access, secrets);
+        if !missing.is_empty() {
+            tracing::error!(app = %app, missing = missing.join(", "), "access credentials name secrets that were not fetched; refusing all requests to this app");
+        }
+        router.set_policy(app, Some(p));
     }
 }
 

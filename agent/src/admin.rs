@@ -12,11 +12,9 @@ use anyhow::Context;
 use serde::{Deserialize, Serialize};
 use tokio::io::{AsyncBufReadExt, AsyncWriteExt, BufReader};
 use tokio::net::{UnixListener, UnixStream};
-use tokio::sync::oneshot;
 use tokio_util::sync::CancellationToken;
 
 use crate::status::{Live, StatusReport};
-use crate::supervisor::DeployRequest;
 
 #[derive(Debug, Serialize, Deserialize)]
 #[serde(tag = "command", rename_all = "kebab-case")]
@@ -109,39 +107,26 @@ async fn answer(req: Request, live: &Live) -> Response {
 }
 
 async fn deploy(live: &Live, app: Option<String>, image: Option<String>) -> Response {
-    let Some(deploys) = live.deploys.get() else {
+    let Some(supervisor) = live.supervisor.get() else {
         return Response::err("supervision has not started yet (waiting for secrets or Docker); see `berth status`");
     };
+    let names = supervisor.app_names();
     let targets: Vec<String> = match &app {
-        Some(a) if deploys.contains_key(a) => vec![a.clone()],
-        Some(a) => {
-            let known: Vec<&str> = deploys.keys().map(String::as_str).collect();
-            return Response::err(format!("no app named {a}; configured apps: {}", known.join(", ")));
-        }
-        None if image.is_some() && deploys.len() > 1 => {
+        Some(a) if names.contains(a) => vec![a.clone()],
+        Some(a) => return Response::err(format!("no app named {a}; configured apps: {}", names.join(", "))),
+        None if image.is_some() && names.len() > 1 => {
             return Response::err("--image needs an app name when several apps are configured");
         }
-        None => deploys.keys().cloned().collect(),
+        None => names,
     };
     let mut messages = Vec::new();
     let mut ok = true;
     for name in targets {
-        let (tx, rx) = oneshot::channel();
-        let sent = deploys[&name].send(DeployRequest { image: image.clone(), reply: tx }).await;
-        if sent.is_err() {
-            ok = false;
-            messages.push(format!("{name}: supervisor is not running"));
-            continue;
-        }
-        match rx.await {
-            Ok(Ok(id)) => messages.push(format!("{name}: now serving container {}", &id[..id.len().min(12)])),
-            Ok(Err(e)) => {
+        match supervisor.deploy(&name, image.clone()).await {
+            Ok(id) => messages.push(format!("{name}: now serving container {}", &id[..id.len().min(12)])),
+            Err(e) => {
                 ok = false;
                 messages.push(format!("{name}: rollout failed, the previous container keeps serving: {e}"));
-            }
-            Err(_) => {
-                ok = false;
-                messages.push(format!("{name}: the rollout was interrupted (berth stopping?)"));
             }
         }
     }

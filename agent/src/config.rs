@@ -72,7 +72,7 @@ fn render_problems(path: &Path, problems: &[Problem]) -> String {
 // ends up running with the default it thought it had overridden.
 // ---------------------------------------------------------------------------------------
 
-#[derive(Debug, Clone, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct Config {
     #[serde(default)]
@@ -91,7 +91,7 @@ pub struct Config {
     pub apps: BTreeMap<String, AppConfig>,
 }
 
-#[derive(Debug, Clone, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Deserialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct AgentConfig {
     pub state_dir: PathBuf,
@@ -114,14 +114,14 @@ impl Default for AgentConfig {
     }
 }
 
-#[derive(Debug, Clone, Default, Deserialize)]
+#[derive(Debug, Clone, Default, PartialEq, Deserialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct AwsConfig {
     pub region: Option<String>,
     pub endpoint_url: Option<String>,
 }
 
-#[derive(Debug, Clone, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Deserialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct SecretsConfig {
     pub path: Option<String>,
@@ -148,7 +148,7 @@ pub enum OnChange {
     Ignore,
 }
 
-#[derive(Debug, Clone, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Deserialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct HttpConfig {
     pub listen: String,
@@ -179,7 +179,7 @@ pub enum AccessLogMode {
     All,
 }
 
-#[derive(Debug, Clone, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Deserialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct HttpsConfig {
     pub listen: String,
@@ -193,7 +193,7 @@ impl Default for HttpsConfig {
     }
 }
 
-#[derive(Debug, Clone, Default, Deserialize)]
+#[derive(Debug, Clone, Default, PartialEq, Deserialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct TlsConfig {
     pub mode: TlsMode,
@@ -224,7 +224,7 @@ impl fmt::Display for TlsMode {
     }
 }
 
-#[derive(Debug, Clone, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Deserialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct AcmeConfig {
     pub directory: String,
@@ -244,7 +244,7 @@ impl Default for AcmeConfig {
     }
 }
 
-#[derive(Debug, Clone, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct AppConfig {
     pub image: String,
@@ -277,7 +277,7 @@ pub struct AppConfig {
 
 /// `[apps.NAME.access]`: who may reach the app. Checked by berth before the request is
 /// forwarded; denied requests never reach the container.
-#[derive(Debug, Clone, Default, Deserialize)]
+#[derive(Debug, Clone, Default, PartialEq, Deserialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct AccessConfig {
     /// Client networks (CIDR) allowed in; empty: any address.
@@ -393,7 +393,7 @@ impl<'de> Deserialize<'de> for RegistryAuth {
     }
 }
 
-#[derive(Debug, Clone, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Deserialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct HealthConfig {
     /// HTTP path probed on the container port; absent means "running is healthy".
@@ -418,7 +418,7 @@ impl Default for HealthConfig {
     }
 }
 
-#[derive(Debug, Clone, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Deserialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct RestartConfig {
     pub initial_backoff: Dur,

@@ -77,6 +77,9 @@ async fn run(config: Config, path: PathBuf) -> anyhow::Result<()> {
     // `curl --cacert`; it changes at every start.
     state::write_public(&config.agent.state_dir.join("self-signed.crt"), self_signed.cert_pem.as_bytes())?;
     let tls_config = certs.server_config()?;
+    // Certificates (ACME / files) in the background, never fatal; the self-signed one serves
+    // until a real one is installed. The handle is for status, metrics and `berth renew`.
+    let _acme = crate::acme::spawn(crate::acme::AcmeSetup::from_config(&config), certs.clone(), challenges.clone(), CancellationToken::new());
     let router = Router::new();
     router.set_routes(route_table(&config));
     access::close_until_secrets(&config, &router);
@@ -160,8 +163,7 @@ async fn run(config: Config, path: PathBuf) -> anyhow::Result<()> {
     }
     tracing::info!("ready");
 
-    // 6. Wait for a stop signal. SIGHUP is handled so it does not kill us (its default
-    //    action); config reload arrives with packaging.
+    // 6. Wait for a stop signal; SIGHUP (`systemctl reload berth`) re-reads the config.
     let mut sigterm = signal(SignalKind::terminate())?;
     let mut sigint = signal(SignalKind::interrupt())?;
     let mut sighup = signal(SignalKind::hangup())?;
@@ -169,7 +171,7 @@ async fn run(config: Config, path: PathBuf) -> anyhow::Result<()> {
         tokio::select! {
             _ = sigterm.recv() => break "SIGTERM",
             _ = sigint.recv() => break "SIGINT",
-            _ = sighup.recv() => tracing::warn!("SIGHUP: config reload is not available in this build yet; restart berth to apply a new config"),
+            _ = sighup.recv() => reload(&path, &live, &router),
         }
     };
 
@@ -240,6 +242,53 @@ fn route_table(config: &Config) -> RouteTable {
     RouteTable::new(routes, catch_all)
 }
 
+/// `systemctl reload berth`: re-read the config and apply what can change in place (apps,
+/// routes, access rules). An invalid file is rejected with its problems logged, and the
+/// running config stays. Listener, TLS and secrets-source changes need a restart; that is
+/// said, not silently ignored.
+fn reload(path: &std::path::Path, live: &Live, router: &Router) {
+    systemd::reloading();
+    let new = match Config::load(path) {
+        Ok(c) => c,
+        Err(e) => {
+            tracing::error!(error = %e, "reload rejected; the running config stays in force");
+            systemd::ready(&format!("reload rejected (config invalid); {}", live.status_line()));
+            return;
+        }
+    };
+    let old = live.config();
+    let mut needs_restart = Vec::new();
+    if new.agent != old.agent {
+        needs_restart.push("[agent]");
+    }
+    if new.aws != old.aws || new.secrets != old.secrets {
+        needs_restart.push("[aws]/[secrets]");
+    }
+    if new.http.listen != old.http.listen || new.http.health_path != old.http.health_path || new.https != old.https {
+        needs_restart.push("listeners");
+    }
+    if new.tls != old.tls {
+        needs_restart.push("[tls]");
+    }
+    router.set_routes(route_table(&new));
+    if let Some(secrets) = live.secrets.get() {
+        access::apply(&new, router, &secrets.current());
+    } else {
+        access::close_until_secrets(&new, router);
+    }
+    if let Some(supervisor) = live.supervisor.get() {
+        supervisor.apply(&new.apps);
+    }
+    let apps: Vec<&str> = new.apps.keys().map(String::as_str).collect();
+    live.set_config(new.clone());
+    if needs_restart.is_empty() {
+        tracing::info!(apps = apps.join(", "), "config reloaded");
+    } else {
+        tracing::warn!(apps = apps.join(", "), restart_needed_for = needs_restart.join(", "), "config reloaded; changes to these sections take effect after `systemctl restart berth`");
+    }
+    systemd::ready(&live.status_line());
+}
+
 /// Secrets, then Docker, then the app tasks. Never fails: every wait is retried with
 /// backoff and reported, and shutdown cancels it.
 async fn start_supervision(config: Config, router: Router, live: Arc<Live>, shutdown: CancellationToken) {
@@ -273,7 +322,7 @@ async fn start_supervision(config: Config, router: Router, live: Arc<Live>, shut
         std::mem::forget(tx);
         rx
     };
-    tokio::spawn(access::keep_policies(config.clone(), router.clone(), secrets_rx.clone()));
+    tokio::spawn(access::keep_policies(live.clone(), router.clone(), secrets_rx.clone()));
     if config.apps.is_empty() {
         return;
     }
@@ -287,9 +336,18 @@ async fn start_supervision(config: Config, router: Router, live: Arc<Live>, shut
         shutdown,
         drain_timeout: config.agent.drain_timeout.0,
         on_change: config.secrets.on_change,
+        hash_key: match state::hash_key(&config.agent.state_dir) {
+            Ok(k) => k.into(),
+            Err(e) => {
+                // A fixed key keeps the label stable across restarts (adoption still works);
+                // it only loses the protection against offline guessing.
+                tracing::error!(error = format!("{e:#}"), "cannot keep the config-hash key in state_dir; containers will be replaced at every start");
+                Arc::from(vec![0u8; 32])
+            }
+        },
     };
     let supervisor = supervisor::start(shared, &config.apps, secrets_rx);
-    let _ = live.deploys.set(supervisor.deploys);
+    let _ = live.supervisor.set(supervisor);
 }
 
 /// Keeps the systemd status line current.

@@ -8,8 +8,10 @@ use tracing_subscriber::util::SubscriberInitExt;
 use tracing_subscriber::EnvFilter;
 
 /// Crates that can log wire contents (bodies, headers) at debug or trace.
-const WIRE_LOGGERS: [&str; 8] = [
+const WIRE_LOGGERS: [&str; 10] = [
     "aws_smithy_runtime",
+    "aws_sigv4",
+    "aws_runtime",
     "aws_smithy_http",
     "aws_smithy_runtime_api",
     "aws_sdk_ssm",

@@ -103,18 +103,19 @@ impl std::fmt::Debug for StateCollector {
 impl Collector for StateCollector {
     fn encode(&self, mut encoder: DescriptorEncoder) -> Result<(), std::fmt::Error> {
         let unhealthy = self.live.health.unhealthy();
+        let config = self.live.config();
         let apps = self.live.apps.lock().unwrap().clone();
 
         let g = ConstGauge::new(0i64);
         let mut m = encoder.encode_descriptor("berth_app_healthy", "1 when the app passes its health checks and is routed", None, g.metric_type())?;
-        for name in self.live.config.apps.keys() {
+        for name in config.apps.keys() {
             let healthy = !unhealthy.contains_key(name) && apps.get(name).is_some_and(|s| s.healthy);
             ConstGauge::new(healthy as i64).encode(m.encode_family(&[("app", name.as_str())])?)?;
         }
 
         let c = ConstCounter::new(0u64);
         let mut m = encoder.encode_descriptor("berth_container_restarts", "Container restarts after a crash, by app", None, c.metric_type())?;
-        for name in self.live.config.apps.keys() {
+        for name in config.apps.keys() {
             let n = apps.get(name).map_or(0, |s| s.restarts);
             ConstCounter::new(n).encode(m.encode_family(&[("app", name.as_str())])?)?;
         }

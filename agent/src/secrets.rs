@@ -9,8 +9,8 @@
 //! Nothing here puts a value in a log line, an error, a status field or a panic: events carry
 //! parameter *names*, counts and timings. The SDK's own TRACE events of response bodies are
 //! redacted by the SDK for these operations (they are marked sensitive), unless
-//! `LOG_SENSITIVE_BODIES=true` is set; `aws::cap_wire_logs` keeps those events out of berth's
-//! logs even then.
+//! `LOG_SENSITIVE_BODIES=true` is set; berth's log filter (`logging::init`) holds the SDK's
+//! wire-level crates at info and drops that variable, so they stay out of berth's logs.
 
 use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::fmt;

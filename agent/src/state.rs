@@ -44,3 +44,19 @@ fn write_atomic(path: &Path, data: &[u8], mode: u32) -> anyhow::Result<()> {
     fs::rename(&tmp, path).with_context(|| format!("renaming {} to {}", tmp.display(), path.display()))?;
     Ok(())
 }
+
+/// A random key, created once per instance, that makes the `berth.config-hash` label a
+/// keyed digest: the label must change when a secret does, yet must not let someone who
+/// can `docker inspect` test guesses of a short secret offline.
+pub fn hash_key(dir: &Path) -> anyhow::Result<Vec<u8>> {
+    let path = dir.join("config-hash.key");
+    match fs::read(&path) {
+        Ok(k) if k.len() == 32 => Ok(k),
+        _ => {
+            let mut key = vec![0u8; 32];
+            rand::RngCore::fill_bytes(&mut rand::rng(), &mut key);
+            write_private(&path, &key)?;
+            Ok(key)
+        }
+    }
+}

@@ -4,24 +4,26 @@
 //! Parts arrive at different times (secrets after the first fetch, the supervisor after
 //! Docker answers), so they sit in `OnceLock`s and every reader copes with "not yet".
 
-use std::collections::{BTreeMap, HashMap};
+use std::collections::BTreeMap;
+use std::sync::Arc;
 use std::sync::OnceLock;
 use std::time::{Instant, SystemTime, UNIX_EPOCH};
 
+use arc_swap::ArcSwap;
 use berth_proxy::health::Health;
 use serde::Serialize;
-use tokio::sync::mpsc;
 
 use crate::config::Config;
 use crate::secrets::SecretsHandle;
-use crate::supervisor::{AppStatus, DeployRequest, StatusBoard};
+use crate::supervisor::{AppStatus, StatusBoard, Supervisor};
 
 pub struct Live {
-    pub config: Config,
+    /// The config in force; swapped by a reload.
+    config: ArcSwap<Config>,
     pub health: Health,
     pub apps: StatusBoard,
     pub secrets: OnceLock<SecretsHandle>,
-    pub deploys: OnceLock<HashMap<String, mpsc::Sender<DeployRequest>>>,
+    pub supervisor: OnceLock<Arc<Supervisor>>,
     /// What supervision is waiting for, when it is (e.g. "waiting for SSM: throttled").
     pub waiting: std::sync::Mutex<Option<String>>,
     pub started: Instant,
@@ -30,14 +32,22 @@ pub struct Live {
 impl Live {
     pub fn new(config: Config, health: Health, apps: StatusBoard) -> Self {
         Live {
-            config,
+            config: ArcSwap::from_pointee(config),
             health,
             apps,
             secrets: OnceLock::new(),
-            deploys: OnceLock::new(),
+            supervisor: OnceLock::new(),
             waiting: Default::default(),
             started: Instant::now(),
         }
+    }
+
+    pub fn config(&self) -> Arc<Config> {
+        self.config.load_full()
+    }
+
+    pub fn set_config(&self, config: Config) {
+        self.config.store(Arc::new(config));
     }
 
     pub fn set_waiting(&self, what: Option<String>) {
@@ -49,8 +59,8 @@ impl Live {
     pub fn report(&self) -> StatusReport {
         let unhealthy = self.health.unhealthy();
         let apps = self.apps.lock().unwrap().clone();
-        let apps = self
-            .config
+        let config = self.config();
+        let apps = config
             .apps
             .iter()
             .map(|(name, cfg)| {
@@ -86,8 +96,8 @@ impl Live {
             waiting_for: self.waiting.lock().unwrap().clone(),
             apps,
             secrets,
-            tls_mode: self.config.tls.mode.to_string(),
-            domains: self.config.tls.domains.clone(),
+            tls_mode: config.tls.mode.to_string(),
+            domains: config.tls.domains.clone(),
         }
     }
 
@@ -100,13 +110,13 @@ impl Live {
         if self.health.is_draining() {
             return "stopping: draining".into();
         }
-        if self.config.apps.is_empty() {
+        let config = self.config();
+        if config.apps.is_empty() {
             return "serving: no apps configured".into();
         }
         let unhealthy = self.health.unhealthy();
         let board = self.apps.lock().unwrap();
-        let parts: Vec<String> = self
-            .config
+        let parts: Vec<String> = config
             .apps
             .keys()
             .map(|app| {

@@ -63,10 +63,86 @@ pub struct DeployRequest {
     pub reply: oneshot::Sender<Result<String, String>>,
 }
 
-/// Handles the daemon keeps: one deploy channel per app, and the shared status board.
+/// What the daemon can ask of an app's task.
+#[derive(Debug)]
+pub enum AppCommand {
+    Deploy(DeployRequest),
+    /// A reloaded config: roll out if what defines the container changed.
+    Reconfigure(Box<AppConfig>),
+    /// The app left the config: stop routing to it, leave its container alone.
+    Retire,
+}
+
+/// The running app tasks, and what it takes to start more after a reload.
 pub struct Supervisor {
-    pub deploys: HashMap<String, mpsc::Sender<DeployRequest>>,
-    pub status: StatusBoard,
+    shared: Shared,
+    events: broadcast::Sender<ContainerEvent>,
+    secrets: watch::Receiver<Arc<SecretSet>>,
+    apps: Mutex<BTreeMap<String, mpsc::Sender<AppCommand>>>,
+}
+
+impl Supervisor {
+    pub fn app_names(&self) -> Vec<String> {
+        self.apps.lock().unwrap().keys().cloned().collect()
+    }
+
+    /// `berth deploy`: roll out `app` (optionally another image) and wait for the outcome.
+    pub async fn deploy(&self, app: &str, image: Option<String>) -> Result<String, String> {
+        let tx = self.apps.lock().unwrap().get(app).cloned().ok_or_else(|| format!("no app named {app}"))?;
+        let (reply, rx) = oneshot::channel();
+        tx.send(AppCommand::Deploy(DeployRequest { image, reply }))
+            .await
+            .map_err(|_| "the app's supervisor is not running".to_string())?;
+        rx.await.map_err(|_| "the rollout was interrupted (berth stopping?)".to_string())?
+    }
+
+    /// Applies a reloaded `[apps]`: new apps start, changed ones roll out, removed ones are
+    /// retired (their containers keep running, untouched, as for any unknown app).
+    pub fn apply(&self, apps: &BTreeMap<String, AppConfig>) {
+        let mut running = self.apps.lock().unwrap();
+        let gone: Vec<String> = running.keys().filter(|n| !apps.contains_key(*n)).cloned().collect();
+        for name in gone {
+            if let Some(tx) = running.remove(&name) {
+                let _ = tx.try_send(AppCommand::Retire);
+            }
+        }
+        for (name, config) in apps {
+            match running.get(name) {
+                Some(tx) => {
+                    let _ = tx.try_send(AppCommand::Reconfigure(Box::new(config.clone())));
+                }
+                None => {
+                    let tx = self.spawn_app(name, config);
+                    running.insert(name.clone(), tx);
+                }
+            }
+        }
+    }
+
+    fn spawn_app(&self, name: &str, config: &AppConfig) -> mpsc::Sender<AppCommand> {
+        let (tx, rx) = mpsc::channel(4);
+        self.shared.status.lock().unwrap().insert(
+            name.to_string(),
+            AppStatus {
+                state: "starting".into(),
+                image: config.image.clone(),
+                ..Default::default()
+            },
+        );
+        self.shared.health.set(name, Some("starting".into()));
+        let task = AppTask {
+            name: name.to_string(),
+            config: config.clone(),
+            shared: self.shared.clone(),
+            secrets: self.secrets.clone(),
+            events: self.events.subscribe(),
+            commands: rx,
+            current: None,
+            probe: Probe::new(),
+        };
+        tokio::spawn(task.run());
+        tx
+    }
 }
 
 /// Everything an app task needs from the rest of the daemon.
@@ -79,6 +155,8 @@ pub struct Shared {
     pub shutdown: CancellationToken,
     pub drain_timeout: Duration,
     pub on_change: OnChange,
+    /// Keys the config-hash label (see `state::hash_key`).
+    pub hash_key: Arc<[u8]>,
 }
 
 /// Connects to the local Docker Engine, retrying with backoff while it is not up (berth
@@ -125,39 +203,18 @@ pub fn start(
     shared: Shared,
     apps: &BTreeMap<String, AppConfig>,
     secrets: watch::Receiver<Arc<SecretSet>>,
-) -> Supervisor {
-    let (events_tx, _) = broadcast::channel(256);
-    tokio::spawn(watch_events(shared.docker.clone(), events_tx.clone(), shared.shutdown.clone()));
+) -> Arc<Supervisor> {
+    let (events, _) = broadcast::channel(256);
+    tokio::spawn(watch_events(shared.docker.clone(), events.clone(), shared.shutdown.clone()));
     tokio::spawn(log_foreign_containers(shared.docker.clone(), apps.keys().cloned().collect()));
-    let mut deploys = HashMap::new();
-    for (name, config) in apps {
-        let (tx, rx) = mpsc::channel(4);
-        deploys.insert(name.clone(), tx);
-        shared.status.lock().unwrap().insert(
-            name.clone(),
-            AppStatus {
-                state: "starting".into(),
-                image: config.image.clone(),
-                ..Default::default()
-            },
-        );
-        shared.health.set(name, Some("starting".into()));
-        let task = AppTask {
-            name: name.clone(),
-            config: config.clone(),
-            shared: shared.clone(),
-            secrets: secrets.clone(),
-            events: events_tx.subscribe(),
-            deploys: rx,
-            current: None,
-            probe: Probe::new(),
-        };
-        tokio::spawn(task.run());
-    }
-    Supervisor {
-        deploys,
-        status: shared.status.clone(),
-    }
+    let supervisor = Arc::new(Supervisor {
+        shared,
+        events,
+        secrets,
+        apps: Mutex::new(BTreeMap::new()),
+    });
+    supervisor.apply(apps);
+    supervisor
 }
 
 /// A container event that matters to supervision.
@@ -249,7 +306,7 @@ struct AppTask {
     shared: Shared,
     secrets: watch::Receiver<Arc<SecretSet>>,
     events: broadcast::Receiver<ContainerEvent>,
-    deploys: mpsc::Receiver<DeployRequest>,
+    commands: mpsc::Receiver<AppCommand>,
     current: Option<Running>,
     probe: Probe,
 }
@@ -296,10 +353,38 @@ impl AppTask {
                         }
                     }
                 }
-                Some(req) = self.deploys.recv() => {
-                    let result = self.rollout(req.image.clone(), true).await;
-                    let _ = req.reply.send(result.map(|r| r.id).map_err(|e| format!("{e:#}")));
-                }
+                Some(cmd) = self.commands.recv() => match cmd {
+                    AppCommand::Deploy(req) => {
+                        let result = self.rollout(req.image.clone(), true).await;
+                        let _ = req.reply.send(result.map(|r| r.id).map_err(|e| format!("{e:#}")));
+                    }
+                    AppCommand::Reconfigure(config) => {
+                        if *config == self.config {
+                            continue;
+                        }
+                        if config.health.interval != self.config.health.interval {
+                            tick = tokio::time::interval(config.health.interval.0);
+                            tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+                        }
+                        self.config = *config;
+                        crash_backoff = Backoff::new(self.config.restart.initial_backoff.0, self.config.restart.max_backoff.0);
+                        if self.current.as_ref().is_some_and(|c| c.hash != self.desired_hash(None)) {
+                            tracing::info!(app = %self.name, "config changed; rolling out");
+                            if let Err(e) = self.rollout(None, false).await {
+                                tracing::error!(app = %self.name, error = format!("{e:#}"), "rollout after a config reload failed; the old container keeps serving");
+                            }
+                        } else {
+                            tracing::info!(app = %self.name, "config reloaded; the container is unchanged");
+                        }
+                    }
+                    AppCommand::Retire => {
+                        tracing::warn!(app = %self.name, container_id = self.current.as_ref().map(|c| short(&c.id)).unwrap_or(""), "app removed from the config; its container is left running and no longer routed");
+                        self.shared.router.set_backend(&self.name, None);
+                        self.shared.health.remove(&self.name);
+                        self.shared.status.lock().unwrap().remove(&self.name);
+                        return;
+                    }
+                },
             }
         }
     }
@@ -565,6 +650,7 @@ impl AppTask {
         }
         let secrets = self.secrets.borrow().clone();
         let mut h = Sha256::new();
+        h.update(&self.shared.hash_key[..]);
         if let Ok(selected) = secrets.select(&self.config.secrets) {
             for (name, value) in selected {
                 h.update(name.as_bytes());

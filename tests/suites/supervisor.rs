@@ -364,3 +364,35 @@ interval = "500ms"
     });
     assert_eq!(api.containers(true), vec![api_id], "restarted in place");
 }
+
+#[test]
+fn reload_rolls_out_a_new_image_and_rejects_an_invalid_config() {
+    let dir = TestDir::new();
+    let ports = Ports::pick();
+    let app = TestApp::new("reload");
+    let p = prefix("reload");
+    ssm_put(&format!("{p}token"), "t");
+    let v1 = app_config(&dir, ports, &app, &p, "");
+    let cfg = dir.write("berth.toml", &v1);
+    let berth = spawn(&cfg, &dir);
+    wait_healthy(ports, &berth);
+    assert!(get(ports, "/").1.starts_with("testapp v1 "));
+
+    // A new image in the config: `systemctl reload` rolls it out.
+    let v2 = v1.replace(&env("BERTH_TEST_APP_IMAGE"), "berth-testapp:v2");
+    assert_ne!(v1, v2);
+    dir.write("berth.toml", &v2);
+    berth.signal("HUP");
+    wait_for("the reloaded image to serve", Duration::from_secs(20), || {
+        get(ports, "/").1.starts_with("testapp v2 ").then_some(())
+    });
+    assert_eq!(app.containers(false).len(), 1, "the old container is gone");
+
+    // An invalid config is rejected and the running one stays.
+    dir.write("berth.toml", &v2.replace("port = 8080", "port = 0"));
+    berth.signal("HUP");
+    wait_for("the rejection", Duration::from_secs(5), || berth.logs().contains("reload rejected").then_some(()));
+    assert!(berth.logs().contains("apps.") && berth.logs().contains("between 1 and 65535"), "{}", berth.logs());
+    assert!(get(ports, "/").1.starts_with("testapp v2 "));
+    assert_eq!(health(ports).0, 200);
+}

@@ -1,0 +1,500 @@
+//! ACME through the real `berth` binary, against real Pebble CAs (and moto + an nginx
+//! "ALB" for fleet mode).
+//!
+//! Every scenario starts its own Pebble on free ports, with Pebble's HTTP-01 port set to the
+//! `:80` of the berth under test (or of the nginx in front of a fleet). So order counts read
+//! from that Pebble's log are exact, Pebble can be started late or with its own
+//! `certificateValidityPeriod` and nonce-rejection rate, and no scenario needs the shared
+//! Pebble's fixed port 5002 (which other suites and sessions may hold). Validation resolves
+//! every name to 127.0.0.1 through the shared pebble-challtestsrv DNS (`scripts/testenv up`).
+//!
+//! The scenarios run one at a time (a lock): the renewal one puts wrk load on both cores,
+//! and the others' timings would suffer next to it.
+
+use std::fs;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::sync::{Mutex, MutexGuard};
+use std::time::{Duration, Instant};
+
+use berth_tests::moto::{aws_env, moto_url, unique_prefix, REGION};
+use berth_tests::{config_toml, curl, free_port, load, wait_for, Berth, Ports, TestDir};
+
+/// pebble-challtestsrv's DNS, started by `scripts/testenv up`.
+const TEST_DNS: &str = "127.0.0.1:8053";
+
+static ONE_AT_A_TIME: Mutex<()> = Mutex::new(());
+
+fn one_at_a_time() -> MutexGuard<'static, ()> {
+    ONE_AT_A_TIME.lock().unwrap_or_else(|e| e.into_inner())
+}
+
+struct PebbleEnv {
+    bin: String,
+    cert: String,
+    key: String,
+    ca: String,
+}
+
+/// Pebble's binary and API certificate from `scripts/testenv up`; skip outside CI without them.
+fn pebble_env() -> Option<PebbleEnv> {
+    let get = |k: &str| std::env::var(k).ok().filter(|v| !v.is_empty());
+    match (
+        get("BERTH_TEST_PEBBLE_BIN"),
+        get("BERTH_TEST_PEBBLE_CERT"),
+        get("BERTH_TEST_PEBBLE_KEY"),
+        get("BERTH_TEST_PEBBLE_CA"),
+    ) {
+        (Some(bin), Some(cert), Some(key), Some(ca)) => Some(PebbleEnv { bin, cert, key, ca }),
+        _ if std::env::var("CI").is_ok_and(|v| v == "true") => {
+            panic!("BERTH_TEST_PEBBLE_* not set under CI=true: scripts/test must start Pebble (scripts/testenv up)")
+        }
+        _ => {
+            eprintln!("skipped: BERTH_TEST_PEBBLE_* not set (run through scripts/test, or source /tmp/berth-testenv/env.sh)");
+            None
+        }
+    }
+}
+
+/// A Pebble of the scenario's own, killed when dropped.
+struct Pebble {
+    env: PebbleEnv,
+    dir: TestDir,
+    child: Option<Child>,
+    listen: u16,
+    mgmt: u16,
+    /// `None`: Pebble's default rejection rate (5 %).
+    nonce_reject: Option<u32>,
+}
+
+impl Pebble {
+    /// Configured to validate HTTP-01 on `http01`; not started yet.
+    fn configure(http01: u16, validity_secs: Option<u64>, nonce_reject: Option<u32>) -> Option<Pebble> {
+        let env = pebble_env()?;
+        let dir = TestDir::new();
+        let (listen, mgmt) = (free_port(), free_port());
+        let mut cfg = serde_json::json!({"pebble": {
+            "listenAddress": format!("127.0.0.1:{listen}"),
+            "managementListenAddress": format!("127.0.0.1:{mgmt}"),
+            "certificate": env.cert, "privateKey": env.key,
+            "httpPort": http01, "tlsPort": free_port(),
+            "ocspResponderURL": "", "externalAccountBindingRequired": false,
+        }});
+        if let Some(v) = validity_secs {
+            cfg["pebble"]["certificateValidityPeriod"] = v.into();
+        }
+        dir.write("pebble.json", &cfg.to_string());
+        Some(Pebble {
+            env,
+            dir,
+            child: None,
+            listen,
+            mgmt,
+            nonce_reject,
+        })
+    }
+
+    fn start(&mut self) {
+        let log = fs::File::create(self.log_path()).unwrap();
+        let mut cmd = Command::new(&self.env.bin);
+        cmd.arg("-config")
+            .arg(self.dir.path().join("pebble.json"))
+            .args(["-dnsserver", TEST_DNS])
+            .env("PEBBLE_VA_NOSLEEP", "1")
+            .stdin(Stdio::null())
+            .stdout(log.try_clone().unwrap())
+            .stderr(log);
+        match self.nonce_reject {
+            Some(n) => cmd.env("PEBBLE_WFE_NONCEREJECT", n.to_string()),
+            None => cmd.env_remove("PEBBLE_WFE_NONCEREJECT"),
+        };
+        self.child = Some(cmd.spawn().expect("start pebble"));
+        wait_for("pebble to listen", Duration::from_secs(20), || {
+            std::net::TcpStream::connect(("127.0.0.1", self.listen)).ok()
+        });
+    }
+
+    fn log_path(&self) -> PathBuf {
+        self.dir.path().join("pebble.log")
+    }
+
+    fn directory(&self) -> String {
+        format!("https://127.0.0.1:{}/dir", self.listen)
+    }
+
+    /// newOrder requests Pebble received.
+    fn orders(&self) -> usize {
+        fs::read_to_string(self.log_path()).unwrap_or_default().matches("POST /order-plz").count()
+    }
+
+    /// Pebble's root (new at every start), written to a file for curl's `--cacert`.
+    fn root_file(&self) -> PathBuf {
+        let out = Command::new("curl")
+            .args(["-sS", "--cacert", &self.env.ca, &format!("https://127.0.0.1:{}/roots/0", self.mgmt)])
+            .output()
+            .expect("curl");
+        assert!(String::from_utf8_lossy(&out.stdout).contains("BEGIN CERTIFICATE"), "no root from Pebble");
+        let path = self.dir.path().join("root.pem");
+        fs::write(&path, &out.stdout).unwrap();
+        path
+    }
+
+    /// `[tls]` for `domains` from this Pebble, plus `extra` lines in `[tls.acme]`.
+    fn tls_toml(&self, domains: &[&str], extra: &str) -> String {
+        let list: Vec<String> = domains.iter().map(|d| format!("\"{d}\"")).collect();
+        format!(
+            "[tls]\nmode = \"acme\"\ndomains = [{}]\n\n[tls.acme]\ndirectory = \"{}\"\ncontact = [\"mailto:ops@example.com\"]\nca_bundle = \"{}\"\n{extra}\n",
+            list.join(", "),
+            self.directory(),
+            self.env.ca
+        )
+    }
+}
+
+impl Drop for Pebble {
+    fn drop(&mut self) {
+        if let Some(c) = &mut self.child {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+    }
+}
+
+/// Does `https://domain:port/` verify against `root` (curl, as a client would)? The health
+/// path answers 200 (no apps configured).
+fn verifies(port: u16, domain: &str, root: &Path) -> bool {
+    let (code, _) = curl(&[
+        "--cacert",
+        &root.display().to_string(),
+        "--resolve",
+        &format!("{domain}:{port}:127.0.0.1"),
+        &format!("https://{domain}:{port}/_berth/health"),
+    ]);
+    code == 200
+}
+
+/// (serial, issuer) of the certificate served for `domain` on `port`, unverified.
+fn served(port: u16, domain: &str) -> Option<(String, String)> {
+    let s_client = Command::new("openssl")
+        .args(["s_client", "-connect", &format!("127.0.0.1:{port}"), "-servername", domain])
+        .stdin(Stdio::null())
+        .stderr(Stdio::null())
+        .output()
+        .ok()?;
+    let mut x509 = Command::new("openssl")
+        .args(["x509", "-noout", "-serial", "-issuer"])
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::null())
+        .spawn()
+        .ok()?;
+    use std::io::Write;
+    x509.stdin.take()?.write_all(&s_client.stdout).ok()?;
+    let out = String::from_utf8(x509.wait_with_output().ok()?.stdout).ok()?;
+    let serial = out.lines().find_map(|l| l.strip_prefix("serial="))?.to_owned();
+    let issuer = out.lines().find_map(|l| l.strip_prefix("issuer="))?.trim().to_owned();
+    Some((serial, issuer))
+}
+
+fn start_berth(dir: &TestDir, ports: Ports, rest: &str) -> Berth {
+    let config = dir.write("berth.toml", &config_toml(dir, ports, "0s", "5s", rest));
+    let mut cmd = Berth::command(&config);
+    aws_env(&mut cmd);
+    Berth::spawn(cmd, dir)
+}
+
+fn stop(berth: &mut Berth) {
+    berth.signal("TERM");
+    let st = berth.wait_timeout(Duration::from_secs(15)).expect("berth stops on SIGTERM");
+    assert!(st.success(), "berth exited {st:?}\n{}", berth.logs());
+}
+
+fn orders_in_log(berth: &Berth) -> usize {
+    berth.logs().matches("placing ACME order").count()
+}
+
+// ---------------------------------------------------------------------------------------
+
+#[test]
+fn first_certificate_verifies_and_a_restart_reuses_it_without_ordering() {
+    let _one = one_at_a_time();
+    let ports = Ports::pick();
+    let Some(mut pebble) = Pebble::configure(ports.http, None, Some(0)) else { return };
+    pebble.start();
+    let dir = TestDir::new();
+    let domains = ["www.berth.test", "api.berth.test"];
+    let tls = pebble.tls_toml(&domains, "");
+
+    let started = Instant::now();
+    let mut berth = start_berth(&dir, ports, &tls);
+    let root = pebble.root_file();
+    wait_for("a certificate that verifies against Pebble's root", Duration::from_secs(30), || {
+        verifies(ports.https, "www.berth.test", &root).then_some(())
+    });
+    eprintln!("berth run -> trusted certificate: {:?}", started.elapsed());
+    assert!(verifies(ports.https, "api.berth.test", &root), "one certificate for every domain");
+    let (serial, issuer) = served(ports.https, "api.berth.test").unwrap();
+    assert!(issuer.contains("Pebble"), "{issuer}");
+    assert_eq!(pebble.orders(), 1);
+    assert_eq!(orders_in_log(&berth), 1);
+
+    // The account, chain and key are private files in state_dir.
+    for f in ["account.json", "cert.pem", "key.pem"] {
+        use std::os::unix::fs::PermissionsExt;
+        let p = dir.path().join("state/acme").join(f);
+        assert_eq!(fs::metadata(&p).unwrap().permissions().mode() & 0o777, 0o600, "{}", p.display());
+    }
+    // Never a key in the logs.
+    assert!(!berth.logs().contains("PRIVATE KEY"));
+    stop(&mut berth);
+
+    // Restart: the stored certificate serves at once and nothing is ordered.
+    let mut again = start_berth(&dir, ports, &tls);
+    wait_for("the stored certificate after a restart", Duration::from_secs(10), || {
+        verifies(ports.https, "www.berth.test", &root).then_some(())
+    });
+    assert_eq!(served(ports.https, "www.berth.test").unwrap().0, serial);
+    std::thread::sleep(Duration::from_secs(3));
+    assert_eq!(pebble.orders(), 1, "a restart must not order again:\n{}", again.logs());
+    assert_eq!(orders_in_log(&again), 0);
+    assert_eq!(fs::read_to_string(pebble.log_path()).unwrap().matches("POST /sign-me-up").count(), 1, "the account is reused");
+    assert!(again.logs().contains("StateDir"), "{}", again.logs());
+    stop(&mut again);
+}
+
+#[test]
+fn succeeds_against_pebble_rejecting_nonces_at_its_default_rate() {
+    let _one = one_at_a_time();
+    let ports = Ports::pick();
+    // One order sends about ten signed requests, so at 5 % most orders see no rejection at
+    // all. Short-lived certificates make berth order five times (some 50 requests), which
+    // makes at least one rejection likely (~90 %) while keeping Pebble's own default rate.
+    let Some(mut pebble) = Pebble::configure(ports.http, Some(9), None) else { return };
+    pebble.start();
+    let dir = TestDir::new();
+    // Debug logs for the ACME module only: they say when a nonce was rejected (Pebble
+    // itself does not log it).
+    let config = dir.write("berth.toml", &config_toml(&dir, ports, "0s", "5s", &pebble.tls_toml(&["nonce.berth.test"], "")));
+    let mut cmd = Berth::command(&config);
+    cmd.env("BERTH_LOG", "info,berth::acme=debug");
+    let mut berth = Berth::spawn(cmd, &dir);
+    let root = pebble.root_file();
+    wait_for("a certificate despite rejected nonces", Duration::from_secs(60), || {
+        verifies(ports.https, "nonce.berth.test", &root).then_some(())
+    });
+    wait_for("five orders", Duration::from_secs(60), || (pebble.orders() >= 5).then_some(()));
+    assert!(verifies(ports.https, "nonce.berth.test", &root));
+    let logs = berth.logs();
+    eprintln!(
+        "orders: {}, badNonce answers survived: {}, failed attempts: {}",
+        pebble.orders(),
+        logs.matches("rejected a nonce").count(),
+        logs.matches("could not get a certificate").count()
+    );
+    stop(&mut berth);
+}
+
+#[test]
+fn ca_down_at_start_serves_self_signed_then_the_acme_certificate_without_a_restart() {
+    let _one = one_at_a_time();
+    let ports = Ports::pick();
+    let Some(mut pebble) = Pebble::configure(ports.http, None, Some(0)) else { return };
+    let dir = TestDir::new();
+    let mut berth = start_berth(&dir, ports, &pebble.tls_toml(&["down.berth.test"], ""));
+
+    // Serving and healthy while the CA is unreachable.
+    wait_for("health 200 on :80", Duration::from_secs(10), || {
+        (curl(&[&format!("http://127.0.0.1:{}/_berth/health", ports.http)]).0 == 200).then_some(())
+    });
+    let (_, issuer) = wait_for("the self-signed certificate", Duration::from_secs(10), || served(ports.https, "down.berth.test"));
+    assert!(issuer.contains("berth self-signed"), "{issuer}");
+    wait_for("a logged retry", Duration::from_secs(10), || {
+        berth.logs().contains("could not get a certificate; retrying").then_some(())
+    });
+
+    pebble.start();
+    let root = pebble.root_file();
+    wait_for("the ACME certificate once the CA is up", Duration::from_secs(60), || {
+        verifies(ports.https, "down.berth.test", &root).then_some(())
+    });
+    assert!(berth.child.try_wait().unwrap().is_none(), "same process, no restart");
+    stop(&mut berth);
+}
+
+#[test]
+fn renews_twice_under_load_with_zero_failed_requests() {
+    let _one = one_at_a_time();
+    let ports = Ports::pick();
+    // 20 s certificates: renewed every ~13 s (two thirds; Pebble offers no ARI).
+    let Some(mut pebble) = Pebble::configure(ports.http, Some(20), Some(0)) else { return };
+    pebble.start();
+    let dir = TestDir::new();
+    let mut berth = start_berth(&dir, ports, &pebble.tls_toml(&["renew.berth.test"], ""));
+    let root = pebble.root_file();
+    wait_for("the first certificate", Duration::from_secs(30), || {
+        verifies(ports.https, "renew.berth.test", &root).then_some(())
+    });
+    let (first, _) = served(ports.https, "renew.berth.test").unwrap();
+
+    // Keep-alive connections (the old certificate stays on them) and a new TLS connection
+    // per request (each handshake picks whatever is installed at that instant).
+    let url = format!("https://127.0.0.1:{}/_berth/health", ports.https);
+    let keep_alive = load(&url, 36, 8);
+    let close = wrk_connection_close(&url, 36, 2);
+    wait_for("two renewals", Duration::from_secs(40), || (pebble.orders() >= 3).then_some(()));
+    let (ka, cl) = (keep_alive.join().unwrap(), close.join().unwrap());
+    eprintln!("keep-alive: {ka:?}; connection-close: {cl:?}; orders: {}", pebble.orders());
+    assert!(ka.requests > 1000 && cl.requests > 100, "the load ran: {ka:?} {cl:?}");
+    assert_eq!((ka.failures, cl.failures), (0, 0), "no failed request during renewals");
+    let (now, _) = served(ports.https, "renew.berth.test").unwrap();
+    assert_ne!(now, first);
+    assert!(verifies(ports.https, "renew.berth.test", &root));
+    assert!(berth.logs().matches("source=Ordered").count() >= 3, "{}", berth.logs());
+    stop(&mut berth);
+}
+
+/// wrk with `Connection: close`: (requests, failures), counted like `berth_tests::load`.
+fn wrk_connection_close(url: &str, secs: u32, conns: u32) -> std::thread::JoinHandle<berth_tests::LoadResult> {
+    let url = url.to_owned();
+    std::thread::spawn(move || {
+        let out = Command::new("wrk")
+            .args(["-t1", &format!("-c{conns}"), &format!("-d{secs}s"), "--timeout", "5s", "-H", "Connection: close", &url])
+            .output()
+            .expect("wrk");
+        let text = String::from_utf8_lossy(&out.stdout).to_string();
+        let requests = text
+            .lines()
+            .find(|l| l.contains("requests in"))
+            .and_then(|l| l.split_whitespace().next())
+            .and_then(|n| n.parse().ok())
+            .unwrap_or_else(|| panic!("cannot read wrk output:\n{text}"));
+        let mut failures = 0;
+        for line in text.lines().map(str::trim) {
+            if let Some(rest) = line.strip_prefix("Non-2xx or 3xx responses:") {
+                failures += rest.trim().parse::<u64>().unwrap_or(0);
+            }
+            if let Some(rest) = line.strip_prefix("Socket errors:") {
+                failures += rest
+                    .split(',')
+                    .filter_map(|p| p.split_whitespace().nth(1)?.parse::<u64>().ok())
+                    .sum::<u64>();
+            }
+        }
+        berth_tests::LoadResult { requests, failures }
+    })
+}
+
+// ---------------------------------------------------------------------------------------
+// Fleet: three instances behind an nginx round-robin "ALB" on Pebble's HTTP-01 port.
+
+struct Nginx {
+    child: Child,
+    dir: TestDir,
+}
+
+impl Nginx {
+    /// Round-robin from 127.0.0.1:`port` to `backends`, logging which backend answered.
+    fn round_robin(port: u16, backends: &[u16]) -> Nginx {
+        let dir = TestDir::new();
+        let d = dir.path().display();
+        let servers: String = backends.iter().map(|b| format!("server 127.0.0.1:{b};\n")).collect();
+        let conf = format!(
+            r#"worker_processes 1;
+daemon off;
+pid {d}/nginx.pid;
+error_log {d}/error.log;
+events {{ worker_connections 256; }}
+http {{
+  log_format alb '$request_uri $upstream_addr $upstream_status';
+  access_log {d}/access.log alb;
+  client_body_temp_path {d}/body; proxy_temp_path {d}/proxy; fastcgi_temp_path {d}/fcgi;
+  uwsgi_temp_path {d}/uwsgi; scgi_temp_path {d}/scgi;
+  upstream fleet {{ {servers} }}
+  server {{
+    listen 127.0.0.1:{port};
+    location / {{
+      proxy_pass http://fleet;
+      proxy_set_header Host $host;
+      # An ALB does not retry a 404 on another target; neither does this one.
+      proxy_next_upstream off;
+    }}
+  }}
+}}
+"#
+        );
+        let conf_path = dir.write("nginx.conf", &conf);
+        let child = Command::new("nginx")
+            .args(["-p", &d.to_string(), "-c"])
+            .arg(&conf_path)
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .expect("nginx (installed by scripts/testenv)");
+        wait_for("nginx to listen", Duration::from_secs(10), || {
+            std::net::TcpStream::connect(("127.0.0.1", port)).ok()
+        });
+        Nginx { child, dir }
+    }
+
+    fn access_log(&self) -> String {
+        fs::read_to_string(self.dir.path().join("access.log")).unwrap_or_default()
+    }
+}
+
+impl Drop for Nginx {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+#[test]
+fn a_fleet_orders_one_certificate_and_every_instance_serves_it() {
+    let _one = one_at_a_time();
+    let Some(moto) = moto_url() else { return };
+    let alb_port = free_port();
+    let Some(mut pebble) = Pebble::configure(alb_port, None, Some(0)) else { return };
+    pebble.start();
+    let prefix = unique_prefix("acme-fleet");
+    let domain = "fleet.berth.test";
+    let tls = pebble.tls_toml(&[domain], &format!("shared = \"{prefix}\"\n"));
+    let rest = format!("[aws]\nregion = \"{REGION}\"\nendpoint_url = \"{moto}\"\n\n{tls}");
+
+    let ports: Vec<Ports> = (0..4).map(|_| Ports::pick()).collect();
+    let dirs: Vec<TestDir> = (0..4).map(|_| TestDir::new()).collect();
+    let _alb = Nginx::round_robin(alb_port, &ports[..3].iter().map(|p| p.http).collect::<Vec<_>>());
+    let mut fleet: Vec<Berth> = (0..3).map(|i| start_berth(&dirs[i], ports[i], &rest)).collect();
+    let root = pebble.root_file();
+    for p in &ports[..3] {
+        wait_for("every instance to serve the fleet's certificate", Duration::from_secs(60), || {
+            verifies(p.https, domain, &root).then_some(())
+        });
+    }
+    let serials: Vec<String> = ports[..3].iter().map(|p| served(p.https, domain).unwrap().0).collect();
+    assert!(serials.iter().all(|s| *s == serials[0]), "the same certificate everywhere: {serials:?}");
+    assert_eq!(pebble.orders(), 1, "exactly one order for the fleet");
+    assert_eq!(fleet.iter().map(orders_in_log).sum::<usize>(), 1);
+    // The CA's validation requests went through the ALB to more than one instance, and
+    // every one answered (stateless key authorizations).
+    let log = _alb.access_log();
+    let challenge_lines: Vec<&str> = log.lines().filter(|l| l.starts_with("/.well-known/acme-challenge/")).collect();
+    let backends: std::collections::BTreeSet<&str> = challenge_lines.iter().filter_map(|l| l.split_whitespace().nth(1)).collect();
+    assert!(challenge_lines.iter().all(|l| l.ends_with(" 200")), "{log}");
+    assert!(backends.len() >= 2, "validation reached several instances: {log}");
+
+    // An instance started later loads the certificate from SSM and orders nothing.
+    let mut late = start_berth(&dirs[3], ports[3], &rest);
+    wait_for("the late instance to serve the fleet's certificate", Duration::from_secs(30), || {
+        verifies(ports[3].https, domain, &root).then_some(())
+    });
+    assert_eq!(served(ports[3].https, domain).unwrap().0, serials[0]);
+    std::thread::sleep(Duration::from_secs(2));
+    assert_eq!(pebble.orders(), 1);
+    assert_eq!(orders_in_log(&late), 0);
+    assert!(late.logs().contains("source=Fleet"), "{}", late.logs());
+    stop(&mut late);
+    for b in &mut fleet {
+        stop(b);
+    }
+}
