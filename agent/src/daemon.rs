@@ -79,7 +79,6 @@ async fn run(config: Config, path: PathBuf) -> anyhow::Result<()> {
     let tls_config = certs.server_config()?;
     // Certificates (ACME / files) in the background, never fatal; the self-signed one serves
     // until a real one is installed. The handle is for status, metrics and `berth renew`.
-    let _acme = crate::acme::spawn(crate::acme::AcmeSetup::from_config(&config), certs.clone(), challenges.clone(), CancellationToken::new());
     let router = Router::new();
     router.set_routes(route_table(&config));
     access::close_until_secrets(&config, &router);
@@ -292,9 +291,11 @@ fn reload(path: &std::path::Path, live: &Live, router: &Router) {
 /// Secrets, then Docker, then the app tasks. Never fails: every wait is retried with
 /// backoff and reported, and shutdown cancels it.
 async fn start_supervision(config: Config, router: Router, live: Arc<Live>, shutdown: CancellationToken) {
-    let secrets_rx = if config.has_secrets() {
-        let sdk = crate::aws::sdk_config(&config.aws).await;
-        let source = secrets::SecretsSource::new(&sdk, &config.secrets);
+    let needs_aws = config.has_secrets()
+        || config.apps.values().any(|a| matches!(a.registry_auth, crate::config::RegistryAuth::Basic { .. }));
+    let sdk = if needs_aws { Some(crate::aws::sdk_config(&config.aws).await) } else { None };
+    let secrets_rx = if let (true, Some(sdk)) = (config.has_secrets(), &sdk) {
+        let source = secrets::SecretsSource::new(sdk, &config.secrets);
         let first = source.fetch_with_retry(&secrets::RetryPolicy::DAEMON, |e, wait| {
             live.set_waiting(Some(format!("waiting for SSM: {} (retry in {}s)", e.kind(), wait.as_secs())));
         });
@@ -336,6 +337,7 @@ async fn start_supervision(config: Config, router: Router, live: Arc<Live>, shut
         shutdown,
         drain_timeout: config.agent.drain_timeout.0,
         on_change: config.secrets.on_change,
+        ssm: sdk.as_ref().map(aws_sdk_ssm::Client::new),
         hash_key: match state::hash_key(&config.agent.state_dir) {
             Ok(k) => k.into(),
             Err(e) => {

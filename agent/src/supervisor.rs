@@ -22,6 +22,7 @@ use bollard::query_parameters::{
     CreateContainerOptions, CreateImageOptions, EventsOptions, InspectContainerOptions, ListContainersOptions,
     RemoveContainerOptions, StartContainerOptions, StopContainerOptions,
 };
+use bollard::auth::DockerCredentials;
 use bollard::Docker;
 use futures_util::StreamExt;
 use http_body_util::{BodyExt, Empty};
@@ -34,7 +35,7 @@ use tokio::sync::{broadcast, mpsc, oneshot, watch};
 use tokio_util::sync::CancellationToken;
 
 use crate::backoff::Backoff;
-use crate::config::{parse_memory, AppConfig, OnChange, PullPolicy};
+use crate::config::{parse_memory, AppConfig, OnChange, PullPolicy, RegistryAuth};
 use crate::secrets::SecretSet;
 
 pub const LABEL_APP: &str = "berth.app";
@@ -157,6 +158,8 @@ pub struct Shared {
     pub on_change: OnChange,
     /// Keys the config-hash label (see `state::hash_key`).
     pub hash_key: Arc<[u8]>,
+    /// For registry credentials kept in SSM (`registry_auth = { username, password }`).
+    pub ssm: Option<aws_sdk_ssm::Client>,
 }
 
 /// Connects to the local Docker Engine, retrying with backoff while it is not up (berth
@@ -323,6 +326,10 @@ impl AppTask {
         }
 
         let mut secrets_open = true;
+        // `watch_image = "0s"` turns polling off; the interval then never fires usefully.
+        let watch_every = if self.config.watch_image.is_zero() { Duration::from_secs(86400 * 365) } else { self.config.watch_image.0 };
+        let mut watch = tokio::time::interval_at(tokio::time::Instant::now() + watch_every, watch_every);
+        watch.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         let mut tick = tokio::time::interval(self.config.health.interval.0);
         tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         loop {
@@ -340,6 +347,18 @@ impl AppTask {
                 }
                 _ = tick.tick() => {
                     self.reconcile(&mut crash_backoff, &mut healthy_since).await;
+                }
+                _ = watch.tick(), if !self.config.watch_image.is_zero() => {
+                    match self.image_moved().await {
+                        Ok(true) => {
+                            tracing::info!(app = %self.name, image = %self.config.image, "the image tag moved in the registry; rolling out");
+                            if let Err(e) = self.rollout(None, true).await {
+                                tracing::error!(app = %self.name, error = format!("{e:#}"), "rollout of the new image failed; the old container keeps serving");
+                            }
+                        }
+                        Ok(false) => {}
+                        Err(e) => tracing::warn!(app = %self.name, error = format!("{e:#}"), "cannot check the registry for a new image"),
+                    }
                 }
                 changed = self.secrets.changed(), if secrets_open => {
                     if changed.is_err() {
@@ -513,6 +532,7 @@ impl AppTask {
             return Ok(());
         }
         tracing::info!(app = %self.name, image, "pulling image");
+        let credentials = self.registry_credentials(image).await?;
         let (repo, tag) = split_image(image);
         let mut stream = self.shared.docker.create_image(
             Some(CreateImageOptions {
@@ -521,7 +541,7 @@ impl AppTask {
                 ..Default::default()
             }),
             None,
-            None,
+            credentials,
         );
         while let Some(item) = stream.next().await {
             match item {
@@ -541,6 +561,62 @@ impl AppTask {
             }
         }
         Ok(())
+    }
+
+    /// Registry credentials per `registry_auth`. Basic credentials are read from SSM at each
+    /// pull (never stored), so a rotated registry password needs no berth restart.
+    async fn registry_credentials(&self, image: &str) -> anyhow::Result<Option<DockerCredentials>> {
+        match &self.config.registry_auth {
+            RegistryAuth::None => Ok(None),
+            RegistryAuth::Ecr => Err(anyhow!(
+                "registry_auth = \"ecr\" is not supported by this build yet; use basic credentials from SSM or an instance-level docker credential helper"
+            )),
+            RegistryAuth::Basic { username, password } => {
+                let ssm = self.shared.ssm.as_ref().ok_or_else(|| anyhow!("registry_auth needs SSM, but no AWS client is configured"))?;
+                let out = ssm
+                    .get_parameters()
+                    .names(username)
+                    .names(password)
+                    .with_decryption(true)
+                    .send()
+                    .await
+                    .map_err(|e| anyhow!("reading registry credentials {username} and {password} from SSM: {}", aws_sdk_ssm::error::DisplayErrorContext(&e)))?;
+                let value = |name: &str| {
+                    out.parameters()
+                        .iter()
+                        .find(|p| p.name() == Some(name))
+                        .and_then(|p| p.value())
+                        .map(str::to_owned)
+                        .ok_or_else(|| anyhow!("SSM parameter {name} (registry_auth) not found"))
+                };
+                Ok(Some(DockerCredentials {
+                    username: Some(value(username)?),
+                    password: Some(value(password)?),
+                    serveraddress: Some(registry_host(image).to_string()),
+                    ..Default::default()
+                }))
+            }
+        }
+    }
+
+    /// `watch_image`: has the tag moved in the registry since our image was pulled?
+    async fn image_moved(&self) -> anyhow::Result<bool> {
+        let image = &self.config.image;
+        let credentials = self.registry_credentials(image).await?;
+        let remote = self
+            .shared
+            .docker
+            .inspect_registry_image(image, credentials)
+            .await
+            .with_context(|| format!("asking the registry for {image}"))?;
+        let Some(digest) = remote.descriptor.digest else { return Ok(false) };
+        let local = self.shared.docker.inspect_image(image).await.ok();
+        let known = local
+            .and_then(|i| i.repo_digests)
+            .unwrap_or_default()
+            .iter()
+            .any(|d| d.ends_with(&format!("@{digest}")));
+        Ok(!known)
     }
 
     async fn create_and_start(&self, image: &str, hash: &str) -> anyhow::Result<Running> {
@@ -958,6 +1034,14 @@ fn published_addr(info: &ContainerInspectResponse, port: u16) -> Option<SocketAd
         let host_port: u16 = b.host_port.as_deref()?.parse().ok()?;
         Some(SocketAddr::from(([127, 0, 0, 1], host_port)))
     })
+}
+
+/// The registry part of an image reference (`docker.io` when there is none).
+fn registry_host(image: &str) -> &str {
+    match image.split_once('/') {
+        Some((first, _)) if first.contains('.') || first.contains(':') || first == "localhost" => first,
+        _ => "docker.io",
+    }
 }
 
 /// `registry/name:tag` → (`registry/name`, `tag`); digests and missing tags handled.

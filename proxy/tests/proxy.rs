@@ -56,9 +56,10 @@ type Feeder = Box<dyn FnOnce(&mut dyn Write) + Send>;
 
 /// `target/<profile>/examples/standalone`, next to this test's `target/<profile>/deps/proxy-*`.
 ///
-/// `cargo test -p berth-proxy` builds the example, but `cargo test -p berth-proxy --test proxy`
-/// does not, and would run a stale one: so the first test to need it asks cargo to bring it up
-/// to date (a no-op taking a fraction of a second when it is). `BERTH_STANDALONE_BIN` skips that.
+/// `cargo test` (and scripts/test, which builds `--all-targets` first) builds the example;
+/// `cargo test -p berth-proxy --test proxy` alone does not. No nested cargo here: the outer
+/// `cargo test` holds the build lock while tests run, and a nested build with a different
+/// feature resolution would rebuild half the tree. `BERTH_STANDALONE_BIN` overrides the path.
 fn standalone_bin() -> PathBuf {
     static BIN: std::sync::OnceLock<PathBuf> = std::sync::OnceLock::new();
     BIN.get_or_init(|| {
@@ -68,18 +69,6 @@ fn standalone_bin() -> PathBuf {
         let exe = std::env::current_exe().expect("current_exe");
         let profile_dir = exe.parent().and_then(Path::parent).expect("target/<profile>");
         let bin = profile_dir.join("examples").join("standalone");
-        let cargo = std::env::var_os("CARGO").unwrap_or_else(|| "cargo".into());
-        let mut build = Command::new(cargo);
-        build
-            .args(["build", "--quiet", "-p", "berth-proxy", "--example", "standalone"])
-            .current_dir(env!("CARGO_MANIFEST_DIR"));
-        if profile_dir.file_name().is_some_and(|n| n == "release") {
-            build.arg("--release");
-        }
-        match build.status() {
-            Ok(s) if s.success() => {}
-            other => eprintln!("building examples/standalone failed ({other:?}); using what is there"),
-        }
         assert!(
             bin.exists(),
             "{} does not exist: build it with `cargo build -p berth-proxy --example standalone` \
