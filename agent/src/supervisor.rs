@@ -847,10 +847,16 @@ impl AppTask {
 
     async fn on_crash(&mut self, ev: &ContainerEvent, backoff: &mut Backoff, healthy_since: &mut Option<Instant>) {
         let Some(cur) = self.current.clone() else { return };
-        *healthy_since = None;
-        self.shared.router.set_backend(&self.name, None);
         let info = self.inspect(&cur.id).await.ok();
         let state = info.as_ref().and_then(|i| i.state.clone());
+        // The periodic reconcile may have seen the exit first and restarted the container;
+        // the `die` event that arrives afterwards is stale and must not count twice.
+        if state.as_ref().and_then(|s| s.running).unwrap_or(false) {
+            tracing::debug!(app = %self.name, container_id = %short(&cur.id), "stale exit event; the container runs");
+            return;
+        }
+        *healthy_since = None;
+        self.shared.router.set_backend(&self.name, None);
         let exit_code = state.as_ref().and_then(|s| s.exit_code).map(|c| c.to_string()).or_else(|| ev.exit_code.clone());
         let oom = state.as_ref().and_then(|s| s.oom_killed).unwrap_or(false) || ev.action == "oom";
         let wait = backoff.next_delay();
