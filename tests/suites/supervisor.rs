@@ -146,7 +146,8 @@ fn walk(dir: &std::path::Path) -> Vec<std::path::PathBuf> {
             let p = e.path();
             if p.is_dir() {
                 out.extend(walk(&p));
-            } else {
+            } else if p.is_file() {
+                // Regular files only: the admin socket lives here too.
                 out.push(p);
             }
         }
@@ -386,7 +387,10 @@ fn reload_rolls_out_a_new_image_and_rejects_an_invalid_config() {
     wait_for("the reloaded image to serve", Duration::from_secs(20), || {
         get(ports, "/").1.starts_with("testapp v2 ").then_some(())
     });
-    assert_eq!(app.containers(false).len(), 1, "the old container is gone");
+    // The route switches first; the old container is drained, then stopped and removed.
+    wait_for("the old container to be removed", Duration::from_secs(15), || {
+        (app.containers(false).len() == 1).then_some(())
+    });
 
     // An invalid config is rejected and the running one stays.
     dir.write("berth.toml", &v2.replace("port = 8080", "port = 0"));
