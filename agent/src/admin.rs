@@ -133,8 +133,20 @@ async fn deploy(live: &Live, app: Option<String>, image: Option<String>) -> Resp
     Response { ok, message: messages.join("\n"), status: None }
 }
 
-async fn renew(_live: &Live, _domain: Option<String>) -> Response {
-    Response::err("certificate renewal is not available in this build yet")
+async fn renew(live: &Live, domain: Option<String>) -> Response {
+    let Some(acme) = live.acme.get() else {
+        return Response::err("certificates are not managed yet");
+    };
+    match acme.renew_now(domain).await {
+        Ok(Ok(i)) => Response::ok(format!(
+            "installed certificate {} for {} (expires {})",
+            i.serial,
+            i.names.join(", "),
+            humantime::format_rfc3339_seconds(i.not_after)
+        )),
+        Ok(Err(e)) => Response::err(e),
+        Err(_) => Response::err("the certificate task has stopped"),
+    }
 }
 
 /// The CLI side: send one request, wait for the answer. `Err` means no daemon answered.

@@ -25,6 +25,7 @@ use tokio::signal::unix::{signal, SignalKind};
 use tokio_util::sync::CancellationToken;
 
 use crate::access;
+use crate::acme;
 use crate::admin;
 use crate::config::Config;
 use crate::metrics::{Metrics, MetricsEndpoint};
@@ -89,6 +90,10 @@ async fn run(config: Config, path: PathBuf) -> anyhow::Result<()> {
 
     // 3. Servers. They run until `shutdown` fires, then drain.
     let shutdown = CancellationToken::new();
+    // Certificates: ACME orders and renewals (or file reloads) swap into `certs`; until then
+    // the self-signed certificate serves.
+    let acme = acme::spawn(acme::AcmeSetup::from_config(&config), certs.clone(), challenges.clone(), shutdown.clone());
+    let _ = live.acme.set(acme);
     let drain = config.agent.drain_timeout.0;
     let http_server = tokio::spawn(server::serve(
         http_listener,

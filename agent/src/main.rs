@@ -1,6 +1,7 @@
 //! `berth`: the thin binary. Parses the command line and hands off to one module per job;
 //! the daemon's wiring reads top to bottom in [`daemon::run`].
 
+mod acme;
 mod access;
 mod admin;
 mod aws;

@@ -127,6 +127,22 @@ impl Collector for StateCollector {
             ConstCounter::new(s.refresh_error).encode(m.encode_family(&[("result", "error")])?)?;
         }
 
+        if let Some(acme) = self.live.acme.get() {
+            let s = acme.status();
+            let mut m = encoder.encode_descriptor("berth_acme_orders", "ACME orders placed by this instance, by result", None, c.metric_type())?;
+            ConstCounter::new(s.orders_ok).encode(m.encode_family(&[("result", "ok")])?)?;
+            ConstCounter::new(s.orders_error).encode(m.encode_family(&[("result", "error")])?)?;
+            let mut m = encoder.encode_descriptor(
+                "berth_certificate_expiry_timestamp_seconds",
+                "notAfter of the certificate served for each domain (absent while self-signed)",
+                None,
+                g.metric_type(),
+            )?;
+            for (domain, not_after) in acme.expiry_by_domain() {
+                ConstGauge::new(not_after as i64).encode(m.encode_family(&[("domain", domain.as_str())])?)?;
+            }
+        }
+
         let info = ConstGauge::new(1i64);
         let m = encoder.encode_descriptor("berth_build_info", "Version and git revision of the running berth", None, info.metric_type())?;
         let mut m = m;

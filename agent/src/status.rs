@@ -24,6 +24,7 @@ pub struct Live {
     pub apps: StatusBoard,
     pub secrets: OnceLock<SecretsHandle>,
     pub supervisor: OnceLock<Arc<Supervisor>>,
+    pub acme: OnceLock<crate::acme::AcmeHandle>,
     /// What supervision is waiting for, when it is (e.g. "waiting for SSM: throttled").
     pub waiting: std::sync::Mutex<Option<String>>,
     pub started: Instant,
@@ -37,6 +38,7 @@ impl Live {
             apps,
             secrets: OnceLock::new(),
             supervisor: OnceLock::new(),
+            acme: OnceLock::new(),
             waiting: Default::default(),
             started: Instant::now(),
         }
@@ -96,6 +98,7 @@ impl Live {
             waiting_for: self.waiting.lock().unwrap().clone(),
             apps,
             secrets,
+            tls: self.acme.get().and_then(|a| serde_json::to_value(a.status()).ok()),
             tls_mode: config.tls.mode.to_string(),
             domains: config.tls.domains.clone(),
         }
@@ -132,7 +135,21 @@ impl Live {
             })
             .collect();
         let verb = if unhealthy.is_empty() { "serving" } else { "waiting:" };
-        format!("{verb} {}", parts.join(", "))
+        let mut line = format!("{verb} {}", parts.join(", "));
+        if let Some(tls) = self.acme.get().and_then(|a| a.status_line()) {
+            line.push_str(&format!("; {tls}"));
+        } else if let Some(cert) = self.cert_summary() {
+            line.push_str(&format!(", {cert}"));
+        }
+        line
+    }
+
+    /// `cert api.example.com valid 61d`, once an ACME or file certificate serves.
+    fn cert_summary(&self) -> Option<String> {
+        let status = self.acme.get()?.status();
+        let cert = status.certificate?;
+        let days = cert.info.not_after.duration_since(SystemTime::now()).ok()?.as_secs() / 86400;
+        Some(format!("cert {} valid {days}d", cert.info.names.first()?))
     }
 }
 
@@ -149,6 +166,8 @@ pub struct StatusReport {
     pub waiting_for: Option<String>,
     pub apps: BTreeMap<String, AppReport>,
     pub secrets: Option<SecretsReport>,
+    /// The certificate task's status (certificate, renewal, orders), as it reports it.
+    pub tls: Option<serde_json::Value>,
     pub tls_mode: String,
     pub domains: Vec<String>,
 }
@@ -219,5 +238,26 @@ pub fn render(r: &StatusReport) -> String {
     }
     let domains = if r.domains.is_empty() { "(no domains)".to_string() } else { r.domains.join(", ") };
     let _ = writeln!(w, "tls: {} for {domains}", r.tls_mode);
+    if let Some(tls) = &r.tls {
+        match tls.get("certificate").filter(|c| !c.is_null()) {
+            Some(c) => {
+                let names = c["names"].as_array().map(|n| n.iter().filter_map(|x| x.as_str()).collect::<Vec<_>>().join(", ")).unwrap_or_default();
+                let left = c["not_after"].as_u64().map(|t| {
+                    let now = SystemTime::now().duration_since(UNIX_EPOCH).map(|d| d.as_secs()).unwrap_or(0);
+                    format!("{}d", t.saturating_sub(now) / 86400)
+                });
+                let _ = writeln!(w, "  certificate: {names}, serial {}, from {}, expires in {}", c["serial"].as_str().unwrap_or("?"), c["source"].as_str().unwrap_or("?"), left.unwrap_or_else(|| "?".into()));
+            }
+            None => {
+                let _ = writeln!(w, "  certificate: self-signed (no ACME or file certificate installed)");
+            }
+        }
+        if let Some(wait) = tls.get("waiting").and_then(|v| v.as_str()) {
+            let _ = writeln!(w, "  waiting for: {wait}");
+        }
+        if let Some(basis) = tls.get("renewal_basis").and_then(|v| v.as_str()) {
+            let _ = writeln!(w, "  next renewal: {basis}");
+        }
+    }
     out
 }

@@ -248,8 +248,16 @@ fn first_certificate_verifies_and_a_restart_reuses_it_without_ordering() {
     assert!(!berth.logs().contains("PRIVATE KEY"));
     stop(&mut berth);
 
-    // Restart: the stored certificate serves at once and nothing is ordered.
-    let mut again = start_berth(&dir, ports, &tls);
+    // Restart: the stored certificate serves at once and nothing is ordered. This time with
+    // /metrics on, to watch the order counter move on `berth renew`.
+    let metrics_port = berth_tests::free_port();
+    let config = dir.write(
+        "berth.toml",
+        &config_toml(&dir, ports, "0s", "5s", &tls).replace("metrics_listen = \"\"", &format!("metrics_listen = \"127.0.0.1:{metrics_port}\"")),
+    );
+    let mut cmd = Berth::command(&config);
+    aws_env(&mut cmd);
+    let mut again = Berth::spawn(cmd, &dir);
     wait_for("the stored certificate after a restart", Duration::from_secs(10), || {
         verifies(ports.https, "www.berth.test", &root).then_some(())
     });
@@ -259,6 +267,37 @@ fn first_certificate_verifies_and_a_restart_reuses_it_without_ordering() {
     assert_eq!(orders_in_log(&again), 0);
     assert_eq!(fs::read_to_string(pebble.log_path()).unwrap().matches("POST /sign-me-up").count(), 1, "the account is reused");
     assert!(again.logs().contains("StateDir"), "{}", again.logs());
+
+    // `berth renew` orders now, installs without a restart, and says what it installed.
+    let orders_metric = |result: &str| -> f64 {
+        let (_, body) = berth_tests::curl(&[&format!("http://127.0.0.1:{metrics_port}/metrics")]);
+        let scrape = prometheus_parse::Scrape::parse(body.lines().map(|l| Ok(l.to_string()))).unwrap();
+        scrape
+            .samples
+            .iter()
+            .find(|x| x.metric == "berth_acme_orders_total" && x.labels.get("result") == Some(result))
+            .map(|x| match x.value {
+                // OpenMetrics counters (`_total` samples under a `counter` family) may parse
+                // as untyped; the number is the same.
+                prometheus_parse::Value::Counter(v) | prometheus_parse::Value::Untyped(v) => v,
+                _ => f64::NAN,
+            })
+            .unwrap_or(0.0)
+    };
+    let before = orders_metric("ok");
+    let out = std::process::Command::new(berth_tests::berth_bin()).args(["renew", "-c"]).arg(&config).output().unwrap();
+    let text = String::from_utf8_lossy(&out.stdout).to_string() + &String::from_utf8_lossy(&out.stderr);
+    assert!(out.status.success(), "berth renew: {text}\n{}", again.logs());
+    assert!(text.contains("installed certificate"), "{text}");
+    assert_eq!(pebble.orders(), 2);
+    let (renewed, _) = served(ports.https, "www.berth.test").unwrap();
+    assert_ne!(renewed, serial, "the renewed certificate serves without a restart");
+    let plain = |s: &str| s.replace(':', "").to_ascii_lowercase();
+    assert!(plain(&text).contains(&plain(&renewed)), "renew names the serial it installed: {text}");
+    assert_eq!(orders_metric("ok"), before + 1.0, "berth_acme_orders_total{{result=ok}} moved by one");
+    let status = std::process::Command::new(berth_tests::berth_bin()).args(["status", "-c"]).arg(&config).output().unwrap();
+    let status = String::from_utf8_lossy(&status.stdout);
+    assert!(plain(&status).contains(&plain(&renewed)), "berth status shows the certificate:\n{status}");
     stop(&mut again);
 }
 
@@ -443,7 +482,17 @@ http {{
 }
 
 impl Drop for Nginx {
+    /// SIGTERM (nginx's fast shutdown: the master stops its workers); SIGKILL on the master
+    /// alone would leave the worker running and holding the port.
     fn drop(&mut self) {
+        let _ = Command::new("kill").arg("-TERM").arg(self.child.id().to_string()).status();
+        let deadline = Instant::now() + Duration::from_secs(5);
+        while Instant::now() < deadline {
+            if let Ok(Some(_)) = self.child.try_wait() {
+                return;
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
         let _ = self.child.kill();
         let _ = self.child.wait();
     }
