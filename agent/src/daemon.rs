@@ -117,13 +117,7 @@ async fn run(config: Config, path: PathBuf) -> anyhow::Result<()> {
             health: health.clone(),
             router: router.clone(),
             forwarder: Forwarder::new(ForwardLimits::default()),
-            observer: Some(Arc::new(Observers(vec![
-                Arc::new(metrics.requests.clone()),
-                Arc::new(access::AccessLog {
-                    mode: config.http.access_log,
-                    sample: config.http.access_log_sample,
-                }),
-            ]))),
+            observer: request_observer(&config, &metrics),
         }),
         shutdown.clone(),
         drain,
@@ -222,6 +216,26 @@ fn bind(addr: &str) -> anyhow::Result<std::net::TcpListener> {
     let l = std::net::TcpListener::bind(addr)?;
     l.set_nonblocking(true)?;
     Ok(l)
+}
+
+/// What watches each request: metrics when /metrics is served, the access log unless it is
+/// off. Neither: nothing runs on the request path at all.
+fn request_observer(config: &Config, metrics: &Metrics) -> Option<Arc<dyn berth_proxy::https::Observer>> {
+    let mut observers: Vec<Arc<dyn berth_proxy::https::Observer>> = Vec::new();
+    if !config.agent.metrics_listen.is_empty() {
+        observers.push(Arc::new(metrics.requests.clone()));
+    }
+    if config.http.access_log != crate::config::AccessLogMode::Off {
+        observers.push(Arc::new(access::AccessLog {
+            mode: config.http.access_log,
+            sample: config.http.access_log_sample,
+        }));
+    }
+    match observers.len() {
+        0 => None,
+        1 => observers.pop(),
+        _ => Some(Arc::new(Observers(observers))),
+    }
 }
 
 /// The config's routes as the proxy's table. Validation already rejected malformed and
