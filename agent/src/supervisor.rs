@@ -17,12 +17,14 @@ use std::time::{Duration, Instant, SystemTime};
 use anyhow::{anyhow, Context};
 use berth_proxy::health::Health;
 use berth_proxy::routes::Router;
-use bollard::models::{ContainerCreateBody, ContainerInspectResponse, HostConfig, HostConfigLogConfig, PortBinding};
-use bollard::query_parameters::{
-    CreateContainerOptions, CreateImageOptions, EventsOptions, InspectContainerOptions, ListContainersOptions,
-    RemoveContainerOptions, StartContainerOptions, StopContainerOptions,
-};
 use bollard::auth::DockerCredentials;
+use bollard::models::{
+    ContainerCreateBody, ContainerInspectResponse, HostConfig, HostConfigLogConfig, PortBinding,
+};
+use bollard::query_parameters::{
+    CreateContainerOptions, CreateImageOptions, EventsOptions, InspectContainerOptions,
+    ListContainersOptions, RemoveContainerOptions, StartContainerOptions, StopContainerOptions,
+};
 use bollard::Docker;
 use futures_util::StreamExt;
 use http_body_util::{BodyExt, Empty};
@@ -31,6 +33,7 @@ use hyper_util::client::legacy::Client;
 use hyper_util::rt::TokioExecutor;
 use serde::Serialize;
 use sha2::{Digest, Sha256};
+use std::sync::atomic::Ordering;
 use tokio::sync::{broadcast, mpsc, oneshot, watch};
 use tokio_util::sync::CancellationToken;
 
@@ -89,19 +92,30 @@ impl Supervisor {
 
     /// `berth deploy`: roll out `app` (optionally another image) and wait for the outcome.
     pub async fn deploy(&self, app: &str, image: Option<String>) -> Result<String, String> {
-        let tx = self.apps.lock().unwrap().get(app).cloned().ok_or_else(|| format!("no app named {app}"))?;
+        let tx = self
+            .apps
+            .lock()
+            .unwrap()
+            .get(app)
+            .cloned()
+            .ok_or_else(|| format!("no app named {app}"))?;
         let (reply, rx) = oneshot::channel();
         tx.send(AppCommand::Deploy(DeployRequest { image, reply }))
             .await
             .map_err(|_| "the app's supervisor is not running".to_string())?;
-        rx.await.map_err(|_| "the rollout was interrupted (berth stopping?)".to_string())?
+        rx.await
+            .map_err(|_| "the rollout was interrupted (berth stopping?)".to_string())?
     }
 
     /// Applies a reloaded `[apps]`: new apps start, changed ones roll out, removed ones are
     /// retired (their containers keep running, untouched, as for any unknown app).
     pub fn apply(&self, apps: &BTreeMap<String, AppConfig>) {
         let mut running = self.apps.lock().unwrap();
-        let gone: Vec<String> = running.keys().filter(|n| !apps.contains_key(*n)).cloned().collect();
+        let gone: Vec<String> = running
+            .keys()
+            .filter(|n| !apps.contains_key(*n))
+            .cloned()
+            .collect();
         for name in gone {
             if let Some(tx) = running.remove(&name) {
                 let _ = tx.try_send(AppCommand::Retire);
@@ -191,8 +205,12 @@ pub async fn connect(shutdown: &CancellationToken, mut report: impl FnMut(&str))
 
 /// `berth check --online`: is the Docker Engine there, and which version?
 pub async fn online_check() -> anyhow::Result<String> {
-    let docker = Docker::connect_with_local_defaults().context("docker: connecting to the local Engine")?;
-    let docker = docker.negotiate_version().await.context("docker: the Engine does not answer (is docker.service running?)")?;
+    let docker =
+        Docker::connect_with_local_defaults().context("docker: connecting to the local Engine")?;
+    let docker = docker
+        .negotiate_version()
+        .await
+        .context("docker: the Engine does not answer (is docker.service running?)")?;
     let v = docker.version().await.context("docker: version")?;
     Ok(format!(
         "docker: Engine {} (API {}) answers",
@@ -208,8 +226,15 @@ pub fn start(
     secrets: watch::Receiver<Arc<SecretSet>>,
 ) -> Arc<Supervisor> {
     let (events, _) = broadcast::channel(256);
-    tokio::spawn(watch_events(shared.docker.clone(), events.clone(), shared.shutdown.clone()));
-    tokio::spawn(log_foreign_containers(shared.docker.clone(), apps.keys().cloned().collect()));
+    tokio::spawn(watch_events(
+        shared.docker.clone(),
+        events.clone(),
+        shared.shutdown.clone(),
+    ));
+    tokio::spawn(log_foreign_containers(
+        shared.docker.clone(),
+        apps.keys().cloned().collect(),
+    ));
     let supervisor = Arc::new(Supervisor {
         shared,
         events,
@@ -230,7 +255,11 @@ struct ContainerEvent {
 
 /// One events stream for all apps; on a Docker restart it reconnects, and the apps'
 /// periodic reconcile covers whatever happened in between.
-async fn watch_events(docker: Docker, tx: broadcast::Sender<ContainerEvent>, shutdown: CancellationToken) {
+async fn watch_events(
+    docker: Docker,
+    tx: broadcast::Sender<ContainerEvent>,
+    shutdown: CancellationToken,
+) {
     let mut backoff = Backoff::new(Duration::from_millis(200), Duration::from_secs(10));
     loop {
         let filters = HashMap::from([
@@ -276,7 +305,10 @@ async fn log_foreign_containers(docker: Docker, ours: Vec<String>) {
     let Ok(list) = docker
         .list_containers(Some(ListContainersOptions {
             all: true,
-            filters: Some(HashMap::from([("label".to_string(), vec![LABEL_APP.to_string()])])),
+            filters: Some(HashMap::from([(
+                "label".to_string(),
+                vec![LABEL_APP.to_string()],
+            )])),
             ..Default::default()
         }))
         .await
@@ -284,7 +316,12 @@ async fn log_foreign_containers(docker: Docker, ours: Vec<String>) {
         return;
     };
     for c in list {
-        let app = c.labels.as_ref().and_then(|l| l.get(LABEL_APP)).cloned().unwrap_or_default();
+        let app = c
+            .labels
+            .as_ref()
+            .and_then(|l| l.get(LABEL_APP))
+            .cloned()
+            .unwrap_or_default();
         if !ours.contains(&app) {
             tracing::warn!(
                 app,
@@ -316,7 +353,10 @@ struct AppTask {
 
 impl AppTask {
     async fn run(mut self) {
-        let mut crash_backoff = Backoff::new(self.config.restart.initial_backoff.0, self.config.restart.max_backoff.0);
+        let mut crash_backoff = Backoff::new(
+            self.config.restart.initial_backoff.0,
+            self.config.restart.max_backoff.0,
+        );
         let mut healthy_since: Option<Instant> = None;
 
         // Adopt what is already running, or roll out.
@@ -327,8 +367,13 @@ impl AppTask {
 
         let mut secrets_open = true;
         // `watch_image = "0s"` turns polling off; the interval then never fires usefully.
-        let watch_every = if self.config.watch_image.is_zero() { Duration::from_secs(86400 * 365) } else { self.config.watch_image.0 };
-        let mut watch = tokio::time::interval_at(tokio::time::Instant::now() + watch_every, watch_every);
+        let watch_every = if self.config.watch_image.is_zero() {
+            Duration::from_secs(86400 * 365)
+        } else {
+            self.config.watch_image.0
+        };
+        let mut watch =
+            tokio::time::interval_at(tokio::time::Instant::now() + watch_every, watch_every);
         watch.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         let mut tick = tokio::time::interval(self.config.health.interval.0);
         tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
@@ -428,7 +473,12 @@ impl AppTask {
         let mut stale = Vec::new();
         for c in list {
             let id = c.id.clone().unwrap_or_default();
-            let hash = c.labels.as_ref().and_then(|l| l.get(LABEL_HASH)).cloned().unwrap_or_default();
+            let hash = c
+                .labels
+                .as_ref()
+                .and_then(|l| l.get(LABEL_HASH))
+                .cloned()
+                .unwrap_or_default();
             let running = c.state.map(|s| s.to_string() == "running").unwrap_or(false);
             if running && self.current.is_none() {
                 let info = self.inspect(&id).await?;
@@ -463,7 +513,11 @@ impl AppTask {
 
     /// New container on a new loopback port; wait healthy; switch; drain; stop the old one.
     /// If the new one never gets healthy it is removed and the old one keeps serving.
-    async fn rollout(&mut self, image: Option<String>, force_pull: bool) -> anyhow::Result<Running> {
+    async fn rollout(
+        &mut self,
+        image: Option<String>,
+        force_pull: bool,
+    ) -> anyhow::Result<Running> {
         let started = Instant::now();
         let image_ref = image.clone().unwrap_or_else(|| self.config.image.clone());
         self.set_state(&format!("rolling out {image_ref}"), self.current.is_some());
@@ -476,13 +530,19 @@ impl AppTask {
             if let Some(old) = &self.current {
                 tracing::error!(app = %self.name, container_id = %short(&new.id), "new container never became healthy; keeping the old one");
                 self.remove(&new.id, true).await;
-                self.set_state(&format!("rollout of {image_ref} failed: never healthy"), true);
+                self.set_state(
+                    &format!("rollout of {image_ref} failed: never healthy"),
+                    true,
+                );
                 self.serve_from(old.addr);
             } else {
                 // Nothing else to serve from: keep this container and supervise it like any
                 // other, so a crash loop is restarted with backoff and visible in status.
                 tracing::error!(app = %self.name, container_id = %short(&new.id), "container is not healthy; supervising it until it is");
-                self.shared.health.set(&self.name, Some("unhealthy: not passing health checks".into()));
+                self.shared.health.set(
+                    &self.name,
+                    Some("unhealthy: not passing health checks".into()),
+                );
                 self.set_state(&format!("{image_ref} is not healthy"), false);
                 self.current = Some(new);
             }
@@ -609,7 +669,9 @@ impl AppTask {
             .inspect_registry_image(image, credentials)
             .await
             .with_context(|| format!("asking the registry for {image}"))?;
-        let Some(digest) = remote.descriptor.digest else { return Ok(false) };
+        let Some(digest) = remote.descriptor.digest else {
+            return Ok(false);
+        };
         let local = self.shared.docker.inspect_image(image).await.ok();
         let known = local
             .and_then(|i| i.repo_digests)
@@ -631,80 +693,110 @@ impl AppTask {
                 host_port: Some(String::new()),
             }]),
         )]);
-        let log_config = journald_available().then(|| HostConfigLogConfig {
-            typ: Some("journald".into()),
-            config: Some(HashMap::from([("tag".to_string(), format!("berth-{}", self.name))])),
-        });
-        let body = ContainerCreateBody {
-            image: Some(image.to_string()),
-            env: Some(env),
-            labels: Some(HashMap::from([
-                (LABEL_APP.to_string(), self.name.clone()),
-                (LABEL_HASH.to_string(), hash.to_string()),
-            ])),
-            exposed_ports: Some(vec![port_key]),
-            stop_timeout: Some(self.config.stop_timeout.0.as_secs() as i64),
-            host_config: Some(HostConfig {
-                port_bindings: Some(bindings),
-                // PID 1 in a container ignores SIGTERM unless it installs a handler; an init
-                // forwards it, so `stop_timeout` is a limit, not the usual wait.
-                init: Some(true),
-                memory: self.config.memory.as_deref().and_then(|m| parse_memory(m).ok()),
-                nano_cpus: self.config.cpus.map(|c| (c * 1e9) as i64),
-                log_config,
-                ..Default::default()
-            }),
-            ..Default::default()
-        };
-        let name = format!("berth-{}-{}", self.name, unique_suffix());
-        let created = self
-            .shared
-            .docker
-            .create_container(
-                Some(CreateContainerOptions {
-                    name: Some(name),
+        // The journald driver needs journald on *Docker's* host, and berth sees only its own
+        // (they differ when berth runs in a container, or Docker on another host). Docker
+        // says so when the container starts; then fall back to Docker's default driver.
+        let mut use_journald = journald_available() && !JOURNALD_REFUSED.load(Ordering::Relaxed);
+        loop {
+            let log_config = use_journald.then(|| HostConfigLogConfig {
+                typ: Some("journald".into()),
+                config: Some(HashMap::from([(
+                    "tag".to_string(),
+                    format!("berth-{}", self.name),
+                )])),
+            });
+            let body = ContainerCreateBody {
+                image: Some(image.to_string()),
+                env: Some(env.clone()),
+                labels: Some(HashMap::from([
+                    (LABEL_APP.to_string(), self.name.clone()),
+                    (LABEL_HASH.to_string(), hash.to_string()),
+                ])),
+                exposed_ports: Some(vec![port_key.clone()]),
+                stop_timeout: Some(self.config.stop_timeout.0.as_secs() as i64),
+                host_config: Some(HostConfig {
+                    port_bindings: Some(bindings.clone()),
+                    // PID 1 in a container ignores SIGTERM unless it installs a handler; an init
+                    // forwards it, so `stop_timeout` is a limit, not the usual wait.
+                    init: Some(true),
+                    memory: self
+                        .config
+                        .memory
+                        .as_deref()
+                        .and_then(|m| parse_memory(m).ok()),
+                    nano_cpus: self.config.cpus.map(|c| (c * 1e9) as i64),
+                    log_config,
                     ..Default::default()
                 }),
-                body,
-            )
-            .await
-            .with_context(|| format!("creating a container from {image}"))?;
-        if let Err(e) = self
-            .shared
-            .docker
-            .start_container(&created.id, None::<StartContainerOptions>)
-            .await
-        {
-            self.remove(&created.id, true).await;
-            return Err(anyhow!(e).context(format!("starting the container from {image}")));
-        }
-        let info = self.inspect(&created.id).await?;
-        let running = info.state.as_ref().and_then(|s| s.running).unwrap_or(false);
-        let addr = match published_addr(&info, self.config.port) {
-            Some(addr) => addr,
-            // Exited already: no port until it runs again. The caller sees it unhealthy and
-            // crash handling restarts it, re-reading the port.
-            None if !running => SocketAddr::from(([127, 0, 0, 1], 0)),
-            None => {
+                ..Default::default()
+            };
+            let name = format!("berth-{}-{}", self.name, unique_suffix());
+            let created = self
+                .shared
+                .docker
+                .create_container(
+                    Some(CreateContainerOptions {
+                        name: Some(name),
+                        ..Default::default()
+                    }),
+                    body,
+                )
+                .await
+                .with_context(|| format!("creating a container from {image}"))?;
+            if let Err(e) = self
+                .shared
+                .docker
+                .start_container(&created.id, None::<StartContainerOptions>)
+                .await
+            {
                 self.remove(&created.id, true).await;
-                return Err(anyhow!("container {} has no published port", short(&created.id)));
+                if use_journald && e.to_string().contains("logging driver") {
+                    JOURNALD_REFUSED.store(true, Ordering::Relaxed);
+                    tracing::warn!(app = %self.name, error = %e, "Docker cannot use the journald log driver on its host; using its default driver");
+                    use_journald = false;
+                    continue;
+                }
+                return Err(anyhow!(e).context(format!("starting the container from {image}")));
             }
-        };
-        Ok(Running {
-            id: created.id,
-            addr,
-            hash: hash.to_string(),
-        })
+            let info = self.inspect(&created.id).await?;
+            let running = info.state.as_ref().and_then(|s| s.running).unwrap_or(false);
+            let addr = match published_addr(&info, self.config.port) {
+                Some(addr) => addr,
+                // Exited already: no port until it runs again. The caller sees it unhealthy and
+                // crash handling restarts it, re-reading the port.
+                None if !running => SocketAddr::from(([127, 0, 0, 1], 0)),
+                None => {
+                    self.remove(&created.id, true).await;
+                    return Err(anyhow!(
+                        "container {} has no published port",
+                        short(&created.id)
+                    ));
+                }
+            };
+            return Ok(Running {
+                id: created.id,
+                addr,
+                hash: hash.to_string(),
+            });
+        }
     }
 
     /// The container's environment: plain `env` plus the selected secrets. It goes to Docker
     /// in the create call only, never to a file.
     fn container_env(&self) -> anyhow::Result<Vec<String>> {
         let secrets = self.secrets.borrow().clone();
-        let selected = secrets
-            .select(&self.config.secrets)
-            .map_err(|missing| anyhow!("secrets {} are selected for this app but were not fetched", missing.join(", ")))?;
-        let mut env: Vec<String> = self.config.env.iter().map(|(k, v)| format!("{k}={v}")).collect();
+        let selected = secrets.select(&self.config.secrets).map_err(|missing| {
+            anyhow!(
+                "secrets {} are selected for this app but were not fetched",
+                missing.join(", ")
+            )
+        })?;
+        let mut env: Vec<String> = self
+            .config
+            .env
+            .iter()
+            .map(|(k, v)| format!("{k}={v}"))
+            .collect();
         for (name, value) in selected {
             env.push(format!("{name}={}", value.expose()));
         }
@@ -779,14 +871,22 @@ impl AppTask {
                 }
             }
             // Quick successive probes while starting: readiness is what the rollout waits on.
-            let pause = if passed { Duration::from_millis(100).min(h.interval.0) } else { h.interval.0.min(Duration::from_millis(250)) };
+            let pause = if passed {
+                Duration::from_millis(100).min(h.interval.0)
+            } else {
+                h.interval.0.min(Duration::from_millis(250))
+            };
             tokio::time::sleep(pause).await;
         }
     }
 
     async fn probe_once(&self, addr: SocketAddr, id: &str) -> bool {
         match &self.config.health.path {
-            Some(path) => self.probe.get(addr, path, self.config.health.timeout.0).await,
+            Some(path) => {
+                self.probe
+                    .get(addr, path, self.config.health.timeout.0)
+                    .await
+            }
             None => self.is_running(id).await,
         }
     }
@@ -833,7 +933,9 @@ impl AppTask {
                 if self.shared.router.backend(&self.name).is_some() {
                     tracing::warn!(app = %self.name, container_id = %short(&cur.id), "health checks failing; taking the app out of routing");
                     self.shared.router.set_backend(&self.name, None);
-                    self.shared.health.set(&self.name, Some("unhealthy: health checks failing".into()));
+                    self.shared
+                        .health
+                        .set(&self.name, Some("unhealthy: health checks failing".into()));
                     self.set_state("unhealthy", false);
                 }
             }
@@ -845,8 +947,15 @@ impl AppTask {
         }
     }
 
-    async fn on_crash(&mut self, ev: &ContainerEvent, backoff: &mut Backoff, healthy_since: &mut Option<Instant>) {
-        let Some(cur) = self.current.clone() else { return };
+    async fn on_crash(
+        &mut self,
+        ev: &ContainerEvent,
+        backoff: &mut Backoff,
+        healthy_since: &mut Option<Instant>,
+    ) {
+        let Some(cur) = self.current.clone() else {
+            return;
+        };
         let info = self.inspect(&cur.id).await.ok();
         let state = info.as_ref().and_then(|i| i.state.clone());
         // The periodic reconcile may have seen the exit first and restarted the container;
@@ -857,7 +966,11 @@ impl AppTask {
         }
         *healthy_since = None;
         self.shared.router.set_backend(&self.name, None);
-        let exit_code = state.as_ref().and_then(|s| s.exit_code).map(|c| c.to_string()).or_else(|| ev.exit_code.clone());
+        let exit_code = state
+            .as_ref()
+            .and_then(|s| s.exit_code)
+            .map(|c| c.to_string())
+            .or_else(|| ev.exit_code.clone());
         let oom = state.as_ref().and_then(|s| s.oom_killed).unwrap_or(false) || ev.action == "oom";
         let wait = backoff.next_delay();
         let restarts = {
@@ -880,13 +993,27 @@ impl AppTask {
             restart_in_ms = wait.as_millis() as u64,
             "container stopped; restarting after backoff"
         );
-        self.shared.health.set(&self.name, Some(format!("restarting (exit {})", exit_code.as_deref().unwrap_or("?"))));
-        self.set_state(&format!("crashed; restarting in {:.1}s", wait.as_secs_f64()), false);
+        self.shared.health.set(
+            &self.name,
+            Some(format!(
+                "restarting (exit {})",
+                exit_code.as_deref().unwrap_or("?")
+            )),
+        );
+        self.set_state(
+            &format!("crashed; restarting in {:.1}s", wait.as_secs_f64()),
+            false,
+        );
         tokio::select! {
             _ = tokio::time::sleep(wait) => {}
             _ = self.shared.shutdown.cancelled() => return,
         }
-        match self.shared.docker.start_container(&cur.id, None::<StartContainerOptions>).await {
+        match self
+            .shared
+            .docker
+            .start_container(&cur.id, None::<StartContainerOptions>)
+            .await
+        {
             Ok(()) => {
                 tracing::info!(app = %self.name, container_id = %short(&cur.id), "container restarted");
                 // The published port can change across a restart.
@@ -932,7 +1059,13 @@ impl AppTask {
             if let Err(e) = self
                 .shared
                 .docker
-                .stop_container(id, Some(StopContainerOptions { t: Some(t), signal: None }))
+                .stop_container(
+                    id,
+                    Some(StopContainerOptions {
+                        t: Some(t),
+                        signal: None,
+                    }),
+                )
                 .await
             {
                 tracing::debug!(container_id = %short(id), error = %e, "stop failed");
@@ -959,7 +1092,11 @@ impl AppTask {
         let s = board.entry(self.name.clone()).or_default();
         s.container_id = info.id.clone();
         s.image_id = info.image.clone();
-        s.image = info.config.as_ref().and_then(|c| c.image.clone()).unwrap_or_else(|| self.config.image.clone());
+        s.image = info
+            .config
+            .as_ref()
+            .and_then(|c| c.image.clone())
+            .unwrap_or_else(|| self.config.image.clone());
         s.port = published_addr(info, self.config.port).map(|a| a.port());
     }
 
@@ -992,7 +1129,9 @@ impl Probe {
     }
 
     async fn get(&self, addr: SocketAddr, path: &str, timeout: Duration) -> bool {
-        let Ok(uri) = format!("http://{addr}{path}").parse::<http::Uri>() else { return false };
+        let Ok(uri) = format!("http://{addr}{path}").parse::<http::Uri>() else {
+            return false;
+        };
         let req = http::Request::get(uri)
             .header(http::header::USER_AGENT, "berth-health-check")
             .body(Empty::new());
@@ -1045,7 +1184,9 @@ fn published_addr(info: &ContainerInspectResponse, port: u16) -> Option<SocketAd
 /// The registry part of an image reference (`docker.io` when there is none).
 fn registry_host(image: &str) -> &str {
     match image.split_once('/') {
-        Some((first, _)) if first.contains('.') || first.contains(':') || first == "localhost" => first,
+        Some((first, _)) if first.contains('.') || first.contains(':') || first == "localhost" => {
+            first
+        }
         _ => "docker.io",
     }
 }
@@ -1063,16 +1204,28 @@ fn split_image(image: &str) -> (&str, &str) {
 
 fn classify_pull_error(msg: &str) -> &'static str {
     let m = msg.to_ascii_lowercase();
-    if m.contains("unauthorized") || m.contains("authentication") || m.contains("denied") || m.contains("401") || m.contains("403") {
+    if m.contains("unauthorized")
+        || m.contains("authentication")
+        || m.contains("denied")
+        || m.contains("401")
+        || m.contains("403")
+    {
         "authentication failed: check registry_auth"
     } else if m.contains("not found") || m.contains("manifest unknown") || m.contains("404") {
         "image not found: check the name and tag"
-    } else if m.contains("timeout") || m.contains("connection") || m.contains("dial") || m.contains("no such host") {
+    } else if m.contains("timeout")
+        || m.contains("connection")
+        || m.contains("dial")
+        || m.contains("no such host")
+    {
         "network: the registry is unreachable (NAT gateway or VPC endpoints for ECR?)"
     } else {
         "registry error"
     }
 }
+
+/// Set once Docker refused the journald log driver: journald is not on Docker's host.
+static JOURNALD_REFUSED: std::sync::atomic::AtomicBool = std::sync::atomic::AtomicBool::new(false);
 
 /// Docker can write container logs to the journal only where the host has one.
 fn journald_available() -> bool {
@@ -1080,7 +1233,10 @@ fn journald_available() -> bool {
 }
 
 fn unique_suffix() -> String {
-    let nanos = SystemTime::now().duration_since(SystemTime::UNIX_EPOCH).map(|d| d.as_nanos()).unwrap_or(0);
+    let nanos = SystemTime::now()
+        .duration_since(SystemTime::UNIX_EPOCH)
+        .map(|d| d.as_nanos())
+        .unwrap_or(0);
     format!("{:x}", nanos & 0xffff_ffff_ffff)
 }
 
@@ -1099,14 +1255,21 @@ mod tests {
     #[test]
     fn image_references_split() {
         assert_eq!(split_image("web:1.2"), ("web", "1.2"));
-        assert_eq!(split_image("registry:5000/web"), ("registry:5000/web", "latest"));
-        assert_eq!(split_image("registry:5000/web:2"), ("registry:5000/web", "2"));
+        assert_eq!(
+            split_image("registry:5000/web"),
+            ("registry:5000/web", "latest")
+        );
+        assert_eq!(
+            split_image("registry:5000/web:2"),
+            ("registry:5000/web", "2")
+        );
         assert_eq!(split_image("web@sha256:ab"), ("web", "sha256:ab"));
     }
 
     #[test]
     fn pull_errors_are_classified() {
-        assert!(classify_pull_error("unauthorized: authentication required").starts_with("authentication"));
+        assert!(classify_pull_error("unauthorized: authentication required")
+            .starts_with("authentication"));
         assert!(classify_pull_error("manifest unknown").starts_with("image not found"));
         assert!(classify_pull_error("dial tcp: connection refused").starts_with("network"));
     }

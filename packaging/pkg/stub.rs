@@ -1,0 +1,1 @@
+//! Nothing to build: this manifest only carries the .deb metadata (see Cargo.toml).
