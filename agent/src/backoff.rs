@@ -45,10 +45,6 @@ impl Backoff {
     pub fn reset(&mut self) {
         self.failures = 0;
     }
-
-    pub fn failures(&self) -> u32 {
-        self.failures
-    }
 }
 
 #[cfg(test)]

@@ -83,7 +83,7 @@ impl Live {
             SecretsReport {
                 source: s.source,
                 count: s.count,
-                last_success_unix: unix(s.last_success),
+                last_success_unix: crate::acme::unix(s.last_success),
                 last_error: s.last_error,
                 refresh_ok: s.refresh_ok,
                 refresh_error: s.refresh_error,
@@ -151,10 +151,6 @@ impl Live {
         let days = cert.info.not_after.duration_since(SystemTime::now()).ok()?.as_secs() / 86400;
         Some(format!("cert {} valid {days}d", cert.info.names.first()?))
     }
-}
-
-fn unix(t: SystemTime) -> u64 {
-    t.duration_since(UNIX_EPOCH).map(|d| d.as_secs()).unwrap_or(0)
 }
 
 #[derive(Debug, Clone, Serialize, serde::Deserialize)]

@@ -33,6 +33,7 @@ use serde::{Deserialize, Serialize};
 use zeroize::Zeroizing;
 
 use super::cert::Issued;
+use super::unix;
 
 /// Standard-tier parameters hold up to 4 KB; a longer chain (several intermediates) needs
 /// the Advanced tier, which costs money, so only then.
@@ -288,10 +289,6 @@ impl Fleet {
             })?;
         Ok(())
     }
-}
-
-fn unix(t: SystemTime) -> u64 {
-    t.duration_since(UNIX_EPOCH).map(|d| d.as_secs()).unwrap_or(0)
 }
 
 fn from_unix(secs: u64) -> SystemTime {
