@@ -57,6 +57,11 @@ pub fn main(config: Config, path: PathBuf) -> ExitCode {
 
 async fn run(config: Config, path: PathBuf) -> anyhow::Result<()> {
     tracing::info!(config = %path.display(), version = crate::VERSION_LINE.lines().next(), "berth starting");
+    // Signal handlers before anything else: a SIGHUP's default action is to terminate, and
+    // `systemctl reload` can arrive as soon as the listeners answer.
+    let mut sigterm = signal(SignalKind::terminate())?;
+    let mut sigint = signal(SignalKind::interrupt())?;
+    let mut sighup = signal(SignalKind::hangup())?;
 
     // 1. Listeners first: the earliest moment the load balancer can reach us.
     let (http_listener, https_listener) = listeners(&config)?;
@@ -162,9 +167,6 @@ async fn run(config: Config, path: PathBuf) -> anyhow::Result<()> {
     tracing::info!("ready");
 
     // 6. Wait for a stop signal; SIGHUP (`systemctl reload berth`) re-reads the config.
-    let mut sigterm = signal(SignalKind::terminate())?;
-    let mut sigint = signal(SignalKind::interrupt())?;
-    let mut sighup = signal(SignalKind::hangup())?;
     let signal_name = loop {
         tokio::select! {
             _ = sigterm.recv() => break "SIGTERM",
