@@ -6,7 +6,10 @@
 //! - state metrics (health, restarts, secrets refreshes, certificates), read from [`Live`]
 //!   at scrape time by a collector, so there is no second copy of the state to keep in sync.
 
-use std::sync::Arc;
+use std::collections::HashMap;
+use std::sync::{Arc, OnceLock};
+
+use arc_swap::ArcSwap;
 
 use berth_proxy::https::{Observer, RequestRecord};
 use berth_proxy::server::{ConnInfo, Handler};
@@ -27,11 +30,28 @@ type RequestLabels = [(&'static str, String); 2];
 type AppLabel = [(&'static str, String); 1];
 
 /// Request counters and latency, fed by the proxy.
+///
+/// The families are what `/metrics` encodes; looking a label set up in them hashes and
+/// allocates label strings, too much for every request. So each app's handles (a counter
+/// per status code, its histogram) are looked up once and kept in `by_app`; the handles
+/// share their values with the families, so a scrape sees every increment.
 #[derive(Clone)]
 pub struct RequestMetrics {
     requests: Family<RequestLabels, Counter>,
     duration: Family<AppLabel, Histogram>,
+    by_app: Arc<ArcSwap<HashMap<Box<str>, Arc<AppHandles>>>>,
 }
+
+/// One app's request metrics, ready to update without a lookup by label.
+struct AppHandles {
+    app: Box<str>,
+    /// Status codes 100..=599; others (rare, non-standard) go through the family.
+    by_code: Box<[OnceLock<Counter>]>,
+    duration: Histogram,
+}
+
+const FIRST_CODE: u16 = 100;
+const LAST_CODE: u16 = 599;
 
 impl std::fmt::Debug for RequestMetrics {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
@@ -39,14 +59,51 @@ impl std::fmt::Debug for RequestMetrics {
     }
 }
 
+impl RequestMetrics {
+    fn new() -> Self {
+        RequestMetrics {
+            requests: Family::default(),
+            duration: Family::new_with_constructor(|| {
+                // 1 ms .. ~16 s: proxy overhead is sub-millisecond, apps are slower.
+                Histogram::new([0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0])
+            }),
+            by_app: Default::default(),
+        }
+    }
+
+    fn handles(&self, app: &str) -> Arc<AppHandles> {
+        if let Some(h) = self.by_app.load().get(app) {
+            return h.clone();
+        }
+        // First request for this app (or after a reload added it): slow path, once.
+        let handles = Arc::new(AppHandles {
+            app: app.into(),
+            by_code: (FIRST_CODE..=LAST_CODE).map(|_| OnceLock::new()).collect(),
+            duration: self.duration.get_or_create(&[("app", app.to_owned())]).clone(),
+        });
+        self.by_app.rcu(|current| {
+            let mut next = HashMap::clone(current);
+            next.entry(app.into()).or_insert_with(|| handles.clone());
+            next
+        });
+        self.by_app.load().get(app).cloned().unwrap_or(handles)
+    }
+
+    fn count(&self, handles: &AppHandles, status: StatusCode) {
+        let create = || self.requests.get_or_create(&[("app", handles.app.to_string()), ("code", status.as_str().to_owned())]).clone();
+        match status.as_u16() {
+            code @ FIRST_CODE..=LAST_CODE => handles.by_code[usize::from(code - FIRST_CODE)].get_or_init(create).inc(),
+            _ => create().inc(),
+        };
+    }
+}
+
 impl Observer for RequestMetrics {
     fn observe(&self, r: &RequestRecord<'_>) {
         // Requests no app took (421, bad requests) count under app="" so the totals add up.
-        let app = r.app.unwrap_or("").to_string();
-        self.requests
-            .get_or_create(&[("app", app.clone()), ("code", r.status.as_str().to_string())])
-            .inc();
-        self.duration.get_or_create(&[("app", app)]).observe(r.elapsed.as_secs_f64());
+        let handles = self.handles(r.app.unwrap_or(""));
+        self.count(&handles, r.status);
+        handles.duration.observe(r.elapsed.as_secs_f64());
     }
 }
 
@@ -59,13 +116,7 @@ pub struct Metrics {
 impl Metrics {
     pub fn new(live: Arc<Live>) -> Self {
         let mut registry = Registry::default();
-        let requests = RequestMetrics {
-            requests: Family::default(),
-            duration: Family::new_with_constructor(|| {
-                // 1 ms .. ~16 s: proxy overhead is sub-millisecond, apps are slower.
-                Histogram::new([0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0])
-            }),
-        };
+        let requests = RequestMetrics::new();
         registry.register(
             "berth_http_requests",
             "HTTPS requests answered, by app and status code",
@@ -165,5 +216,51 @@ impl Handler for MetricsEndpoint {
             http::HeaderValue::from_static("application/openmetrics-text; version=1.0.0; charset=utf-8"),
         );
         resp
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn record(app: Option<&'static str>, status: u16) -> RequestRecord<'static> {
+        RequestRecord {
+            app,
+            status: StatusCode::from_u16(status).unwrap(),
+            elapsed: std::time::Duration::from_millis(3),
+            method: &http::Method::GET,
+            host: "example.com",
+            path: "/",
+            peer: "127.0.0.1:1".parse().unwrap(),
+            upstream: None,
+            bytes: None,
+        }
+    }
+
+    /// The cached handles must feed the very series `/metrics` encodes.
+    #[test]
+    fn cached_handles_count_into_the_encoded_families() {
+        let m = RequestMetrics::new();
+        let mut registry = Registry::default();
+        registry.register("berth_http_requests", "", m.requests.clone());
+        registry.register("berth_http_request_duration_seconds", "", m.duration.clone());
+        for _ in 0..3 {
+            m.observe(&record(Some("web"), 200));
+        }
+        m.observe(&record(Some("web"), 503));
+        m.observe(&record(None, 421));
+        m.observe(&record(Some("web"), 999));
+        let mut out = String::new();
+        prometheus_client::encoding::text::encode(&mut out, &registry).unwrap();
+        for line in [
+            r#"berth_http_requests_total{app="web",code="200"} 3"#,
+            r#"berth_http_requests_total{app="web",code="503"} 1"#,
+            r#"berth_http_requests_total{app="",code="421"} 1"#,
+            r#"berth_http_requests_total{app="web",code="999"} 1"#,
+            r#"berth_http_request_duration_seconds_count{app="web"} 5"#,
+            r#"berth_http_request_duration_seconds_bucket{le="0.005",app="web"} 5"#,
+        ] {
+            assert!(out.lines().any(|l| l == line), "missing {line} in\n{out}");
+        }
     }
 }

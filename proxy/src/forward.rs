@@ -81,27 +81,29 @@ impl Forwarder {
 
     /// Sends `req` to `upstream` and returns the app's response (or an error page).
     /// `in_flight` is released when the response body has been fully sent.
-    pub async fn forward(
-        &self,
-        mut req: Request<Incoming>,
-        upstream: SocketAddr,
-        host: &str,
-        conn: &ConnInfo,
-        in_flight: InFlight,
-    ) -> Response<Body> {
+    pub async fn forward(&self, mut req: Request<Incoming>, conn: &ConnInfo, in_flight: InFlight) -> Response<Body> {
+        let upstream = in_flight.addr();
+        let Some(authority) = in_flight.backend().authority.clone() else {
+            tracing::warn!(%upstream, "the app's address cannot be used in a request URI");
+            return text_response(StatusCode::BAD_GATEWAY, "the app's address is not usable");
+        };
         let upgrade = upgrade_protocol(&req);
         // Must be taken before the request is moved: it resolves once our client's side of
         // the connection is handed over after we answer 101.
         let client_upgrade = upgrade.as_ref().map(|_| hyper::upgrade::on(&mut req));
 
         let (mut parts, body) = req.into_parts();
-        let path_and_query = parts.uri.path_and_query().map_or("/", |pq| pq.as_str());
-        parts.uri = match Uri::builder()
-            .scheme("http")
-            .authority(upstream.to_string())
-            .path_and_query(path_and_query)
-            .build()
-        {
+        // HTTP/2 has no Host header (it is :authority); the app still expects one.
+        if !parts.headers.contains_key(header::HOST) {
+            if let Some(v) = parts.uri.authority().and_then(|a| HeaderValue::from_str(a.as_str()).ok()) {
+                parts.headers.insert(header::HOST, v);
+            }
+        }
+        let mut uri = http::uri::Parts::default();
+        uri.scheme = Some(http::uri::Scheme::HTTP);
+        uri.authority = Some(authority);
+        uri.path_and_query = Some(parts.uri.path_and_query().cloned().unwrap_or_else(|| http::uri::PathAndQuery::from_static("/")));
+        parts.uri = match Uri::from_parts(uri) {
             Ok(u) => u,
             Err(_) => return text_response(StatusCode::BAD_REQUEST, "invalid request target"),
         };
@@ -111,13 +113,7 @@ impl Forwarder {
             parts.headers.insert(header::CONNECTION, HeaderValue::from_static("upgrade"));
             parts.headers.insert(header::UPGRADE, proto.clone());
         }
-        // HTTP/2 has no Host header (it is :authority); the app still expects one.
-        if !parts.headers.contains_key(header::HOST) {
-            if let Ok(v) = HeaderValue::from_str(host) {
-                parts.headers.insert(header::HOST, v);
-            }
-        }
-        set_forwarded(&mut parts.headers, conn, host);
+        set_forwarded(&mut parts.headers, conn);
 
         let upstream_req = Request::from_parts(parts, body);
         let result = tokio::time::timeout(self.limits.response_timeout, self.client.request(upstream_req)).await;
@@ -201,8 +197,8 @@ fn strip_hop_by_hop(headers: &mut HeaderMap) {
 
 /// `X-Forwarded-For` gets the peer appended (an ALB in front already put the client first),
 /// `-Proto` and `-Host` describe the request as we received it.
-fn set_forwarded(headers: &mut HeaderMap, conn: &ConnInfo, host: &str) {
-    let peer = conn.peer.ip().to_canonical().to_string();
+fn set_forwarded(headers: &mut HeaderMap, conn: &ConnInfo) {
+    let peer = &conn.peer_header;
     let prior: Vec<&str> = headers
         .get_all(&X_FORWARDED_FOR)
         .iter()
@@ -210,16 +206,21 @@ fn set_forwarded(headers: &mut HeaderMap, conn: &ConnInfo, host: &str) {
         .map(str::trim)
         .filter(|v| !v.is_empty())
         .collect();
-    let xff = if prior.is_empty() { peer } else { format!("{}, {peer}", prior.join(", ")) };
-    if let Ok(v) = HeaderValue::from_str(&xff) {
+    let xff = if prior.is_empty() {
+        Some(peer.clone())
+    } else {
+        let joined = format!("{}, {}", prior.join(", "), peer.to_str().unwrap_or_default());
+        HeaderValue::from_str(&joined).ok()
+    };
+    if let Some(v) = xff {
         headers.insert(X_FORWARDED_FOR, v);
     }
     headers.insert(
         X_FORWARDED_PROTO,
         HeaderValue::from_static(if conn.tls { "https" } else { "http" }),
     );
-    if let Ok(v) = HeaderValue::from_str(host) {
-        headers.insert(X_FORWARDED_HOST, v);
+    if let Some(host) = headers.get(header::HOST).cloned() {
+        headers.insert(X_FORWARDED_HOST, host);
     }
 }
 

@@ -63,11 +63,16 @@ impl Handler for Https {
         let Some(observer) = &self.observer else {
             return self.route(req, conn).await.1;
         };
-        // Keep what the record needs before the request is moved into the forwarder.
+        // Keep what the record needs before the request is moved into the forwarder. These
+        // clones share the request's buffers (no copy, no allocation for common methods).
         let method = req.method().clone();
-        let host = request_host(&req).unwrap_or_default();
-        let path = req.uri().path().to_owned();
+        let uri = req.uri().clone();
+        let host_header = req.headers().get(header::HOST).cloned();
         let (route, resp) = self.route(req, conn).await;
+        let host = match uri.authority() {
+            Some(a) => a.as_str(),
+            None => host_header.as_ref().and_then(|h| h.to_str().ok()).unwrap_or_default(),
+        };
         let bytes = resp
             .headers()
             .get(header::CONTENT_LENGTH)
@@ -78,8 +83,8 @@ impl Handler for Https {
             status: resp.status(),
             elapsed: started.elapsed(),
             method: &method,
-            host: &host,
-            path: &path,
+            host,
+            path: uri.path(),
             peer: conn.peer,
             upstream: route.upstream,
             bytes,
@@ -94,7 +99,7 @@ impl Https {
         let Some(host) = request_host(&req) else {
             return (routed, text_response(StatusCode::BAD_REQUEST, "missing Host header"));
         };
-        let Some(app) = self.router.app_for(crate::http80::strip_port(&host), req.uri().path()) else {
+        let Some(app) = self.router.app_for(crate::http80::strip_port(host), req.uri().path()) else {
             // 421: this server is not the one for that name; the client may retry elsewhere.
             return (routed, text_response(StatusCode::MISDIRECTED_REQUEST, "no app is configured for this host"));
         };
@@ -116,13 +121,13 @@ impl Https {
                 }
             }
         }
-        let Some((upstream, in_flight)) = self.router.acquire(&app) else {
+        let Some(in_flight) = self.router.acquire(&app) else {
             let mut resp = text_response(StatusCode::SERVICE_UNAVAILABLE, "the app has no healthy container right now");
             resp.headers_mut().insert(header::RETRY_AFTER, http::HeaderValue::from_static("2"));
             return (routed, resp);
         };
-        routed.upstream = Some(upstream);
-        let resp = self.forwarder.forward(req, upstream, &host, conn, in_flight).await;
+        routed.upstream = Some(in_flight.addr());
+        let resp = self.forwarder.forward(req, conn, in_flight).await;
         (routed, resp)
     }
 }
@@ -135,13 +140,12 @@ struct Routed {
 }
 
 /// The host the client asked for: `:authority` (HTTP/2, absolute-form) or `Host`.
-fn request_host<B>(req: &http::Request<B>) -> Option<String> {
+pub(crate) fn request_host<B>(req: &http::Request<B>) -> Option<&str> {
     if let Some(a) = req.uri().authority() {
-        return Some(a.as_str().to_owned());
+        return Some(a.as_str());
     }
     req.headers()
         .get(header::HOST)
         .and_then(|h| h.to_str().ok())
         .filter(|h| !h.is_empty())
-        .map(str::to_owned)
 }

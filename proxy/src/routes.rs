@@ -66,6 +66,9 @@ impl RouteTable {
 #[derive(Debug)]
 pub struct Backend {
     pub addr: SocketAddr,
+    /// `addr` as a URI authority, made once rather than per request (`None` for the odd
+    /// address that is not one, e.g. IPv6 with a zone: requests then get a 502).
+    pub authority: Option<http::uri::Authority>,
     in_flight: AtomicUsize,
 }
 
@@ -77,6 +80,16 @@ impl Backend {
 
 /// Held for the life of a proxied request (until its response body is done).
 pub struct InFlight(Arc<Backend>);
+
+impl InFlight {
+    pub fn addr(&self) -> SocketAddr {
+        self.0.addr
+    }
+
+    pub fn backend(&self) -> &Backend {
+        &self.0
+    }
+}
 
 impl Drop for InFlight {
     fn drop(&mut self) {
@@ -118,6 +131,7 @@ impl Router {
                     Arc::from(app),
                     Arc::new(Backend {
                         addr,
+                        authority: authority_of(addr),
                         in_flight: AtomicUsize::new(0),
                     }),
                 ),
@@ -149,11 +163,15 @@ impl Router {
     }
 
     /// Takes the app's current backend for one request, counting it as in flight.
-    pub fn acquire(&self, app: &str) -> Option<(SocketAddr, InFlight)> {
+    pub fn acquire(&self, app: &str) -> Option<InFlight> {
         let backend = self.backends.load().get(app).cloned()?;
         backend.in_flight.fetch_add(1, Ordering::AcqRel);
-        Some((backend.addr, InFlight(backend)))
+        Some(InFlight(backend))
     }
+}
+
+fn authority_of(addr: SocketAddr) -> Option<http::uri::Authority> {
+    http::uri::Authority::try_from(addr.to_string()).ok()
 }
 
 #[cfg(test)]
@@ -185,7 +203,7 @@ mod tests {
     fn in_flight_is_counted_per_backend() {
         let r = Router::new();
         r.set_backend("web", Some("127.0.0.1:1".parse().unwrap()));
-        let (_, guard) = r.acquire("web").unwrap();
+        let guard = r.acquire("web").unwrap();
         let old = r.set_backend("web", Some("127.0.0.1:2".parse().unwrap())).unwrap();
         assert_eq!(old.in_flight(), 1);
         drop(guard);

@@ -58,6 +58,9 @@ impl Default for Limits {
 #[derive(Debug, Clone)]
 pub struct ConnInfo {
     pub peer: SocketAddr,
+    /// The peer's IP as a header value, for `X-Forwarded-For`: made once per connection
+    /// rather than per request.
+    pub peer_header: http::HeaderValue,
     pub local: SocketAddr,
     pub tls: bool,
     /// Spawn long-lived work tied to this listener (upgraded tunnels) here, so a graceful
@@ -114,6 +117,8 @@ pub async fn serve<H: Handler>(
         let _ = stream.set_nodelay(true);
         let conn = ConnInfo {
             peer,
+            peer_header: http::HeaderValue::from_str(&peer.ip().to_canonical().to_string())
+                .unwrap_or(http::HeaderValue::from_static("unknown")),
             local,
             tls: acceptor.is_some(),
             tasks: tasks.clone(),
