@@ -1,4 +1,5 @@
-//! Forwarding one request to an app container over a pooled HTTP/1.1 connection.
+//! Forwarding one request to an app container over a pooled HTTP/1.1 connection
+//! (the pool is in [`crate::upstream`]).
 //!
 //! Bodies stream in both directions (a 100 MB upload never sits in our memory), hop-by-hop
 //! headers are dropped, `X-Forwarded-*` are set, and `Upgrade` requests (WebSocket) become a
@@ -12,12 +13,11 @@ use http::header::{self, HeaderMap, HeaderName, HeaderValue};
 use http::{Request, Response, StatusCode, Uri, Version};
 use http_body_util::BodyExt;
 use hyper::body::Incoming;
-use hyper_util::client::legacy::connect::HttpConnector;
-use hyper_util::client::legacy::Client;
-use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
+use hyper_util::rt::TokioIo;
 
 use crate::routes::InFlight;
 use crate::server::ConnInfo;
+use crate::upstream::{PoolTimeouts, UpstreamError};
 use crate::{text_response, Body};
 
 #[derive(Debug, Clone)]
@@ -43,7 +43,6 @@ impl Default for ForwardLimits {
 
 #[derive(Clone)]
 pub struct Forwarder {
-    client: Client<HttpConnector, Incoming>,
     limits: ForwardLimits,
 }
 
@@ -66,27 +65,13 @@ const X_FORWARDED_HOST: HeaderName = HeaderName::from_static("x-forwarded-host")
 
 impl Forwarder {
     pub fn new(limits: ForwardLimits) -> Self {
-        let mut connector = HttpConnector::new();
-        connector.set_connect_timeout(Some(limits.connect_timeout));
-        connector.set_nodelay(true);
-        connector.enforce_http(true);
-        let client = Client::builder(TokioExecutor::new())
-            .pool_timer(TokioTimer::new())
-            .pool_idle_timeout(limits.pool_idle_timeout)
-            .pool_max_idle_per_host(256)
-            .http1_preserve_header_case(false)
-            .build(connector);
-        Forwarder { client, limits }
+        Forwarder { limits }
     }
 
     /// Sends `req` to `upstream` and returns the app's response (or an error page).
     /// `in_flight` is released when the response body has been fully sent.
     pub async fn forward(&self, mut req: Request<Incoming>, conn: &ConnInfo, in_flight: InFlight) -> Response<Body> {
         let upstream = in_flight.addr();
-        let Some(authority) = in_flight.backend().authority.clone() else {
-            tracing::warn!(%upstream, "the app's address cannot be used in a request URI");
-            return text_response(StatusCode::BAD_GATEWAY, "the app's address is not usable");
-        };
         let upgrade = upgrade_protocol(&req);
         // Must be taken before the request is moved: it resolves once our client's side of
         // the connection is handed over after we answer 101.
@@ -99,14 +84,11 @@ impl Forwarder {
                 parts.headers.insert(header::HOST, v);
             }
         }
-        let mut uri = http::uri::Parts::default();
-        uri.scheme = Some(http::uri::Scheme::HTTP);
-        uri.authority = Some(authority);
-        uri.path_and_query = Some(parts.uri.path_and_query().cloned().unwrap_or_else(|| http::uri::PathAndQuery::from_static("/")));
-        parts.uri = match Uri::from_parts(uri) {
-            Ok(u) => u,
-            Err(_) => return text_response(StatusCode::BAD_REQUEST, "invalid request target"),
-        };
+        // Origin-form on the wire (`/path?query`); the Host header says whom it is for.
+        if parts.uri.scheme().is_some() || parts.uri.authority().is_some() {
+            let pq = parts.uri.path_and_query().cloned().unwrap_or_else(|| http::uri::PathAndQuery::from_static("/"));
+            parts.uri = Uri::from(pq);
+        }
         parts.version = Version::HTTP_11;
         strip_hop_by_hop(&mut parts.headers);
         if let Some(proto) = &upgrade {
@@ -116,8 +98,13 @@ impl Forwarder {
         set_forwarded(&mut parts.headers, conn);
 
         let upstream_req = Request::from_parts(parts, body);
-        let result = tokio::time::timeout(self.limits.response_timeout, self.client.request(upstream_req)).await;
-        let mut resp = match result {
+        let timeouts = PoolTimeouts {
+            connect: self.limits.connect_timeout,
+            idle: self.limits.pool_idle_timeout,
+        };
+        let pool = &in_flight.backend().conns;
+        let sent = pool.send(upstream, upstream_req, timeouts, upgrade.is_some());
+        let mut resp = match tokio::time::timeout(self.limits.response_timeout, sent).await {
             Ok(Ok(resp)) => resp,
             Ok(Err(e)) => return upstream_error(&e, upstream),
             Err(_) => {
@@ -125,7 +112,6 @@ impl Forwarder {
                 return text_response(StatusCode::GATEWAY_TIMEOUT, "the app did not answer in time");
             }
         };
-
         if resp.status() == StatusCode::SWITCHING_PROTOCOLS {
             if let Some(client_upgrade) = client_upgrade {
                 let upstream_upgrade = hyper::upgrade::on(&mut resp);
@@ -179,6 +165,11 @@ fn upgrade_protocol<B>(req: &Request<B>) -> Option<HeaderValue> {
 
 /// Drops hop-by-hop headers, including any the `Connection` header names.
 fn strip_hop_by_hop(headers: &mut HeaderMap) {
+    // Most messages carry none of them: one pass over the names present is far cheaper than
+    // a hashed removal for each of the nine names.
+    if !headers.keys().any(|k| k == header::UPGRADE || HOP_BY_HOP.contains(k)) {
+        return;
+    }
     let named: Vec<HeaderName> = headers
         .get_all(header::CONNECTION)
         .iter()
@@ -224,7 +215,7 @@ fn set_forwarded(headers: &mut HeaderMap, conn: &ConnInfo) {
     }
 }
 
-fn upstream_error(e: &hyper_util::client::legacy::Error, upstream: SocketAddr) -> Response<Body> {
+fn upstream_error(e: &UpstreamError, upstream: SocketAddr) -> Response<Body> {
     if e.is_connect() {
         tracing::warn!(%upstream, error = %e, "app refused the connection");
         return text_response(StatusCode::BAD_GATEWAY, "the app is not accepting connections");

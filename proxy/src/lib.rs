@@ -20,6 +20,7 @@ pub mod https;
 pub mod routes;
 pub mod server;
 pub mod tls;
+pub mod upstream;
 
 /// Body type of every response this crate produces.
 pub type Body = http_body_util::combinators::BoxBody<bytes::Bytes, hyper::Error>;

@@ -42,7 +42,7 @@ impl RouteTable {
             by_host.entry(r.host.to_ascii_lowercase()).or_default().push((r.prefix, r.app));
         }
         for rules in by_host.values_mut() {
-            rules.sort_by(|a, b| b.0.len().cmp(&a.0.len()));
+            rules.sort_by_key(|r| std::cmp::Reverse(r.0.len()));
         }
         RouteTable { by_host, catch_all }
     }
@@ -66,10 +66,9 @@ impl RouteTable {
 #[derive(Debug)]
 pub struct Backend {
     pub addr: SocketAddr,
-    /// `addr` as a URI authority, made once rather than per request (`None` for the odd
-    /// address that is not one, e.g. IPv6 with a zone: requests then get a 502).
-    pub authority: Option<http::uri::Authority>,
     in_flight: AtomicUsize,
+    /// Keep-alive connections to this container; dropped with it.
+    pub conns: Arc<crate::upstream::ConnPool>,
 }
 
 impl Backend {
@@ -131,8 +130,8 @@ impl Router {
                     Arc::from(app),
                     Arc::new(Backend {
                         addr,
-                        authority: authority_of(addr),
                         in_flight: AtomicUsize::new(0),
+                        conns: Default::default(),
                     }),
                 ),
                 None => next.remove(app),
@@ -168,10 +167,6 @@ impl Router {
         backend.in_flight.fetch_add(1, Ordering::AcqRel);
         Some(InFlight(backend))
     }
-}
-
-fn authority_of(addr: SocketAddr) -> Option<http::uri::Authority> {
-    http::uri::Authority::try_from(addr.to_string()).ok()
 }
 
 #[cfg(test)]

@@ -1192,3 +1192,73 @@ async fn sigterm_lets_in_flight_requests_finish_and_refuses_new_connections() {
     assert!(exited.success(), "the proxy exited with {exited}");
     drop(app);
 }
+
+// ---------------------------------------------------------------------------------------
+// 8. The upstream connection pool
+// ---------------------------------------------------------------------------------------
+
+#[test]
+fn upstream_connections_are_reused_across_client_connections() {
+    let _g = HEAVY.blocking_read();
+    let app = start_app();
+    let p = Proxy::start(app.addr, &[]);
+    // Separate curl runs are separate client connections (and h1/h2 alike); one at a time,
+    // they must all ride the same kept-alive connection to the app.
+    let peers: std::collections::BTreeSet<String> = (0..12)
+        .map(|i| {
+            let v = if i % 2 == 0 { "--http1.1" } else { "--http2" };
+            let c = curl_ok(&p, &[v], "/headers", 200);
+            str_field(&c.json(), "_peer").expect("the app reports _peer").to_owned()
+        })
+        .collect();
+    assert_eq!(peers.len(), 1, "the app saw these proxy connections: {peers:?}");
+    drop(app);
+}
+
+/// An app that answers one request per connection and then closes it without saying so
+/// (no `Connection: close`), as a keep-alive timeout firing at the wrong moment looks.
+/// Written here because the test app (rightly) never does this; no real server can be made
+/// to hit the race on demand.
+fn start_closing_app() -> SocketAddr {
+    let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let addr = listener.local_addr().unwrap();
+    std::thread::spawn(move || {
+        for stream in listener.incoming() {
+            let Ok(mut stream) = stream else { continue };
+            std::thread::spawn(move || {
+                use std::io::{Read, Write};
+                let mut buf = Vec::new();
+                let mut chunk = [0u8; 4096];
+                while !buf.windows(4).any(|w| w == b"\r\n\r\n") {
+                    match stream.read(&mut chunk) {
+                        Ok(0) | Err(_) => return,
+                        Ok(n) => buf.extend_from_slice(&chunk[..n]),
+                    }
+                }
+                let _ = stream.write_all(b"HTTP/1.1 200 OK\r\ncontent-length: 2\r\n\r\nok");
+                // Closed as soon as the response is out.
+            });
+        }
+    });
+    addr
+}
+
+#[test]
+fn a_connection_the_app_closed_while_idle_fails_no_request() {
+    let _g = HEAVY.blocking_read();
+    let app = start_closing_app();
+    let p = Proxy::start(app, &[]);
+    // One curl run, many requests on one client connection: each finds the pooled
+    // connection the app has just closed (or is closing) and must be retried on a new one.
+    let n = 200;
+    let urls: Vec<String> = (0..n).map(|_| p.url("/")).collect();
+    let mut args = vec!["--http1.1", "-o", "/dev/null"];
+    for u in &urls[1..] {
+        args.extend(["-o", "/dev/null", u.as_str()]);
+    }
+    let c = curl(&p, &args, "/");
+    assert_eq!(c.exit, 0, "curl failed: {}", c.stderr);
+    let statuses: Vec<&str> = c.headers.lines().filter(|l| l.starts_with("HTTP/")).collect();
+    assert_eq!(statuses.len(), n, "responses: {statuses:?}");
+    assert!(statuses.iter().all(|l| l.contains(" 200")), "not all 200: {statuses:?}");
+}

@@ -1,0 +1,294 @@
+//! Keep-alive HTTP/1.1 connections to one app container.
+//!
+//! Each [`Backend`](crate::routes::Backend) owns one [`ConnPool`], so connections live and die
+//! with the container address they point at: when a rollout swaps the backend and the last
+//! in-flight request on the old one finishes, its idle connections are dropped with it.
+//!
+//! Why not hyper-util's pooled `Client`: it keys its pool by scheme and authority (an
+//! absolute URI rebuilt per request), moves large futures through several layers and takes
+//! a global pool lock twice per request; profiling showed it as the proxy's largest cost
+//! after TLS and HTTP parsing. Here a request costs one short lock to pop an idle sender and
+//! one to push it back when the response body is done.
+//!
+//! The pool also caps the connections to one container ([`MAX_CONNS`]): every connection
+//! serves one request at a time, so capping requests in flight caps connections. Requests
+//! beyond the cap wait for a connection to come free instead of opening yet another one; an
+//! HTTP/2 client multiplexing hundreds of streams cannot make us open hundreds of sockets.
+
+use std::net::SocketAddr;
+use std::pin::Pin;
+use std::sync::{Arc, Mutex};
+use std::task::{Context, Poll};
+use std::time::{Duration, Instant};
+
+use bytes::Bytes;
+use http::{Request, Response};
+use hyper::body::{Body as HttpBody, Frame, Incoming, SizeHint};
+use hyper::client::conn::http1;
+use hyper_util::rt::TokioIo;
+use tokio::net::TcpStream;
+use tokio::sync::{OwnedSemaphorePermit, Semaphore};
+
+/// Connections (= requests in flight) to one container at most.
+pub const MAX_CONNS: usize = 256;
+
+/// Why a request could not be sent to the app.
+#[derive(Debug, thiserror::Error)]
+pub enum UpstreamError {
+    #[error("connecting to {addr}: {source}")]
+    Connect { addr: SocketAddr, source: std::io::Error },
+    #[error("connecting to {addr}: timed out after {timeout:?}")]
+    ConnectTimeout { addr: SocketAddr, timeout: Duration },
+    #[error("HTTP/1.1 handshake with {addr}: {source}")]
+    Handshake { addr: SocketAddr, source: hyper::Error },
+    #[error("{source}")]
+    Request { source: hyper::Error },
+}
+
+impl UpstreamError {
+    /// The app was not there at all (nothing listening, or too slow to accept).
+    pub fn is_connect(&self) -> bool {
+        matches!(self, UpstreamError::Connect { .. } | UpstreamError::ConnectTimeout { .. })
+    }
+}
+
+/// How long idle connections are kept and how long a connect may take.
+#[derive(Debug, Clone, Copy)]
+pub struct PoolTimeouts {
+    pub connect: Duration,
+    pub idle: Duration,
+}
+
+/// Idle connections to one address, and the cap on connections in use.
+#[derive(Debug)]
+pub struct ConnPool {
+    idle: Mutex<Vec<Idle>>,
+    in_use: Arc<Semaphore>,
+}
+
+#[derive(Debug)]
+struct Idle {
+    sender: Sender,
+    since: Instant,
+}
+
+type Sender = http1::SendRequest<UpstreamBody>;
+
+impl Default for ConnPool {
+    fn default() -> Self {
+        ConnPool {
+            idle: Mutex::new(Vec::new()),
+            in_use: Arc::new(Semaphore::new(MAX_CONNS)),
+        }
+    }
+}
+
+impl ConnPool {
+    /// Idle connections right now (for tests and status).
+    pub fn idle_count(&self) -> usize {
+        self.idle.lock().map_or(0, |v| v.len())
+    }
+
+    /// Sends `req` (origin-form URI, `Host` set) to `addr`, on an idle connection when
+    /// there is one. Returns the response with a body that gives the connection back to the
+    /// pool once the app has sent all of it.
+    ///
+    /// A kept-alive connection can be closed by the app at the moment we reuse it (its
+    /// keep-alive timeout fires, or it closes after each response without saying so). A
+    /// request that connection refused before sending a byte is sent again on a new
+    /// connection; so is an idempotent request without a body, as nginx and Go's client do,
+    /// since sending it twice does no harm. Anything else fails with a 502: the app may have
+    /// acted on it.
+    pub async fn send(
+        self: &Arc<Self>,
+        addr: SocketAddr,
+        req: Request<Incoming>,
+        timeouts: PoolTimeouts,
+        upgrade: bool,
+    ) -> Result<Response<PooledBody>, UpstreamError> {
+        // Closed only if the pool is dropped, which cannot happen while `self` is borrowed.
+        let permit = self.in_use.clone().acquire_owned().await.expect("the pool's semaphore is never closed");
+        let replay = replayable_head(&req);
+        let mut req = req.map(UpstreamBody::Client);
+        while let Some(mut sender) = self.checkout(timeouts.idle) {
+            if sender.ready().await.is_err() {
+                continue; // the app closed it while it sat idle
+            }
+            match sender.try_send_request(req).await {
+                Ok(resp) => return Ok(self.wrap(resp, sender, permit, upgrade)),
+                Err(mut e) => match (e.take_message(), &replay) {
+                    (Some(unsent), _) => req = unsent,
+                    (None, Some(head)) => {
+                        tracing::debug!(upstream = %addr, error = %e.error(), "kept-alive connection failed; sending the idempotent request again");
+                        req = Request::from_parts(head.clone(), UpstreamBody::Empty);
+                        break;
+                    }
+                    (None, None) => return Err(UpstreamError::Request { source: e.into_error() }),
+                },
+            }
+        }
+        let mut sender = connect(addr, timeouts.connect).await?;
+        match sender.send_request(req).await {
+            Ok(resp) => Ok(self.wrap(resp, sender, permit, upgrade)),
+            Err(source) => Err(UpstreamError::Request { source }),
+        }
+    }
+
+    /// The most recently used idle connection (its socket is the likeliest to be warm and
+    /// still open); connections idle past `idle_timeout` are closed on the way.
+    fn checkout(&self, idle_timeout: Duration) -> Option<Sender> {
+        let mut idle = self.idle.lock().ok()?;
+        while let Some(c) = idle.pop() {
+            if c.since.elapsed() < idle_timeout && !c.sender.is_closed() {
+                return Some(c.sender);
+            }
+        }
+        None
+    }
+
+    fn checkin(&self, sender: Sender) {
+        if sender.is_closed() {
+            return;
+        }
+        if let Ok(mut idle) = self.idle.lock() {
+            idle.push(Idle { sender, since: Instant::now() });
+        }
+    }
+
+    fn wrap(
+        self: &Arc<Self>,
+        resp: Response<Incoming>,
+        sender: Sender,
+        permit: OwnedSemaphorePermit,
+        upgrade: bool,
+    ) -> Response<PooledBody> {
+        // An upgraded connection becomes a tunnel and never carries another request. Its
+        // permit goes with the (empty) body: tunnels are long-lived and do not count
+        // against the cap on requests in flight.
+        let reuse = !upgrade && resp.status() != http::StatusCode::SWITCHING_PROTOCOLS;
+        let done = reuse.then(|| (sender, self.clone()));
+        resp.map(|body| {
+            let mut b = PooledBody { body, done, _permit: permit };
+            b.give_back_if_finished();
+            b
+        })
+    }
+}
+
+async fn connect(addr: SocketAddr, timeout: Duration) -> Result<Sender, UpstreamError> {
+    let stream = match tokio::time::timeout(timeout, TcpStream::connect(addr)).await {
+        Ok(Ok(s)) => s,
+        Ok(Err(source)) => return Err(UpstreamError::Connect { addr, source }),
+        Err(_) => return Err(UpstreamError::ConnectTimeout { addr, timeout }),
+    };
+    let _ = stream.set_nodelay(true);
+    let (sender, conn) = http1::Builder::new()
+        .handshake(TokioIo::new(stream))
+        .await
+        .map_err(|source| UpstreamError::Handshake { addr, source })?;
+    // The connection runs in its own task until the app or we close it; `with_upgrades`
+    // lets a 101 response hand the socket over to a WebSocket tunnel.
+    tokio::spawn(async move {
+        if let Err(e) = conn.with_upgrades().await {
+            tracing::debug!(upstream = %addr, error = %e, "app connection closed with an error");
+        }
+    });
+    Ok(sender)
+}
+
+/// The app's response body. When its last byte has been read, the connection goes back to
+/// the pool; dropped before that (the client went away), the connection is closed instead,
+/// since it still carries the rest of a response nobody will read.
+pub struct PooledBody {
+    body: Incoming,
+    done: Option<(Sender, Arc<ConnPool>)>,
+    _permit: OwnedSemaphorePermit,
+}
+
+impl PooledBody {
+    fn give_back_if_finished(&mut self) {
+        if self.body.is_end_stream() {
+            if let Some((sender, pool)) = self.done.take() {
+                pool.checkin(sender);
+            }
+        }
+    }
+}
+
+impl HttpBody for PooledBody {
+    type Data = Bytes;
+    type Error = hyper::Error;
+
+    fn poll_frame(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Option<Result<Frame<Bytes>, hyper::Error>>> {
+        let this = &mut *self;
+        let frame = Pin::new(&mut this.body).poll_frame(cx);
+        match &frame {
+            Poll::Ready(None) => {
+                if let Some((sender, pool)) = this.done.take() {
+                    pool.checkin(sender);
+                }
+            }
+            Poll::Ready(Some(Ok(_))) => this.give_back_if_finished(),
+            Poll::Ready(Some(Err(_))) => this.done = None,
+            Poll::Pending => {}
+        }
+        frame
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.body.is_end_stream()
+    }
+
+    fn size_hint(&self) -> SizeHint {
+        self.body.size_hint()
+    }
+}
+
+/// The head of a request that may be sent twice: an idempotent method (RFC 9110 §9.2.2)
+/// and no body. Cloned only for such requests, before they go out on a reused connection.
+fn replayable_head(req: &Request<Incoming>) -> Option<http::request::Parts> {
+    use http::Method;
+    let idempotent = matches!(*req.method(), Method::GET | Method::HEAD | Method::OPTIONS | Method::TRACE | Method::PUT | Method::DELETE);
+    if !idempotent || !req.body().is_end_stream() {
+        return None;
+    }
+    let (mut head, ()) = Request::new(()).into_parts();
+    head.method = req.method().clone();
+    head.uri = req.uri().clone();
+    head.version = req.version();
+    head.headers = req.headers().clone();
+    Some(head)
+}
+
+/// What we send to the app: the client's body, or nothing when a bodiless request is
+/// replayed.
+pub enum UpstreamBody {
+    Client(Incoming),
+    Empty,
+}
+
+impl HttpBody for UpstreamBody {
+    type Data = Bytes;
+    type Error = hyper::Error;
+
+    fn poll_frame(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Option<Result<Frame<Bytes>, hyper::Error>>> {
+        match self.get_mut() {
+            UpstreamBody::Client(b) => Pin::new(b).poll_frame(cx),
+            UpstreamBody::Empty => Poll::Ready(None),
+        }
+    }
+
+    fn is_end_stream(&self) -> bool {
+        match self {
+            UpstreamBody::Client(b) => b.is_end_stream(),
+            UpstreamBody::Empty => true,
+        }
+    }
+
+    fn size_hint(&self) -> SizeHint {
+        match self {
+            UpstreamBody::Client(b) => b.size_hint(),
+            UpstreamBody::Empty => SizeHint::with_exact(0),
+        }
+    }
+}
