@@ -174,6 +174,8 @@ pub struct Shared {
     pub hash_key: Arc<[u8]>,
     /// For registry credentials kept in SSM (`registry_auth = { username, password }`).
     pub ssm: Option<aws_sdk_ssm::Client>,
+    /// `registry_auth = "ecr"`: tokens from GetAuthorizationToken, cached.
+    pub ecr: Arc<crate::ecr::EcrAuth>,
 }
 
 /// Connects to the local Docker Engine, retrying with backoff while it is not up (berth
@@ -592,7 +594,39 @@ impl AppTask {
             return Ok(());
         }
         tracing::info!(app = %self.name, image, "pulling image");
-        let credentials = self.registry_credentials(image).await?;
+        let registry = registry_host(image);
+        let ecr = self.config.registry_auth == RegistryAuth::Ecr;
+        let mut credentials = self.registry_credentials(image).await?;
+        let mut retried = false;
+        loop {
+            let Err(e) = self.pull(image, credentials).await else {
+                return Ok(());
+            };
+            let failure = PullFailure::classify(&e.to_string());
+            // A cached ECR token the registry no longer takes (revoked session, skewed
+            // clock): drop it and try once more with a fresh one, never in a loop.
+            if ecr && failure == PullFailure::Auth && !retried {
+                retried = true;
+                tracing::warn!(app = %self.name, image, registry, "the registry refused the ECR token; fetching a fresh one and retrying once");
+                self.shared.ecr.invalidate(registry);
+                credentials = self.registry_credentials(image).await?;
+                continue;
+            }
+            let why = failure.describe(registry, &self.config.registry_auth);
+            if present && !force_pull {
+                tracing::warn!(app = %self.name, image, error = %e, "pull failed ({why}); using the local image");
+                return Ok(());
+            }
+            return Err(anyhow!("pulling {image} failed ({why}): {e}"));
+        }
+    }
+
+    /// One pull, progress to the debug log; the first error ends it.
+    async fn pull(
+        &self,
+        image: &str,
+        credentials: Option<DockerCredentials>,
+    ) -> Result<(), bollard::errors::Error> {
         let (repo, tag) = split_image(image);
         let mut stream = self.shared.docker.create_image(
             Some(CreateImageOptions {
@@ -604,20 +638,8 @@ impl AppTask {
             credentials,
         );
         while let Some(item) = stream.next().await {
-            match item {
-                Ok(info) => {
-                    if let Some(status) = info.status {
-                        tracing::debug!(app = %self.name, image, progress = %status, "pull");
-                    }
-                }
-                Err(e) => {
-                    let why = classify_pull_error(&e.to_string());
-                    if present && !force_pull {
-                        tracing::warn!(app = %self.name, image, error = %e, "pull failed ({why}); using the local image");
-                        return Ok(());
-                    }
-                    return Err(anyhow!("pulling {image} failed ({why}): {e}"));
-                }
+            if let Some(status) = item?.status {
+                tracing::debug!(app = %self.name, image, progress = %status, "pull");
             }
         }
         Ok(())
@@ -628,9 +650,17 @@ impl AppTask {
     async fn registry_credentials(&self, image: &str) -> anyhow::Result<Option<DockerCredentials>> {
         match &self.config.registry_auth {
             RegistryAuth::None => Ok(None),
-            RegistryAuth::Ecr => Err(anyhow!(
-                "registry_auth = \"ecr\" is not supported by this build yet; use basic credentials from SSM or an instance-level docker credential helper"
-            )),
+            // Cached in memory until 30 minutes before the token expires (see `ecr`).
+            RegistryAuth::Ecr => {
+                let registry = registry_host(image);
+                let creds = self
+                    .shared
+                    .ecr
+                    .credentials(registry)
+                    .await
+                    .with_context(|| format!("registry_auth = \"ecr\": no token for {registry}"))?;
+                Ok(Some(creds))
+            }
             RegistryAuth::Basic { username, password } => {
                 let ssm = self.shared.ssm.as_ref().ok_or_else(|| anyhow!("registry_auth needs SSM, but no AWS client is configured"))?;
                 let out = ssm
@@ -1202,25 +1232,56 @@ fn split_image(image: &str) -> (&str, &str) {
     }
 }
 
-fn classify_pull_error(msg: &str) -> &'static str {
-    let m = msg.to_ascii_lowercase();
-    if m.contains("unauthorized")
-        || m.contains("authentication")
-        || m.contains("denied")
-        || m.contains("401")
-        || m.contains("403")
-    {
-        "authentication failed: check registry_auth"
-    } else if m.contains("not found") || m.contains("manifest unknown") || m.contains("404") {
-        "image not found: check the name and tag"
-    } else if m.contains("timeout")
-        || m.contains("connection")
-        || m.contains("dial")
-        || m.contains("no such host")
-    {
-        "network: the registry is unreachable (NAT gateway or VPC endpoints for ECR?)"
-    } else {
-        "registry error"
+/// Why a pull failed, from Docker's message (the registry's answer passes through as text).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum PullFailure {
+    Auth,
+    NotFound,
+    Network,
+    Other,
+}
+
+impl PullFailure {
+    fn classify(msg: &str) -> Self {
+        let m = msg.to_ascii_lowercase();
+        if m.contains("unauthorized")
+            || m.contains("authentication")
+            || m.contains("no basic auth credentials")
+            || m.contains("denied")
+            || m.contains("401")
+            || m.contains("403")
+        {
+            PullFailure::Auth
+        } else if m.contains("not found") || m.contains("manifest unknown") || m.contains("404") {
+            PullFailure::NotFound
+        } else if m.contains("timeout")
+            || m.contains("connection")
+            || m.contains("dial")
+            || m.contains("no such host")
+        {
+            PullFailure::Network
+        } else {
+            PullFailure::Other
+        }
+    }
+
+    /// The operator's next step, for the error and the log.
+    fn describe(self, registry: &str, auth: &RegistryAuth) -> String {
+        match (self, auth) {
+            (PullFailure::Auth, RegistryAuth::Ecr) => format!(
+                "authentication failed: {registry} refused the ECR token even after a fresh one \
+                 (the instance role needs ecr:BatchGetImage and ecr:GetDownloadUrlForLayer on the \
+                 repository, and the image must be in the token's account and region)"
+            ),
+            (PullFailure::Auth, _) => {
+                format!("authentication failed: {registry} refused the credentials; check registry_auth")
+            }
+            (PullFailure::NotFound, _) => "image not found: check the name and tag".into(),
+            (PullFailure::Network, _) => format!(
+                "network: the registry {registry} is unreachable (NAT gateway or VPC endpoints for ECR?)"
+            ),
+            (PullFailure::Other, _) => "registry error".into(),
+        }
     }
 }
 
@@ -1268,9 +1329,12 @@ mod tests {
 
     #[test]
     fn pull_errors_are_classified() {
-        assert!(classify_pull_error("unauthorized: authentication required")
-            .starts_with("authentication"));
-        assert!(classify_pull_error("manifest unknown").starts_with("image not found"));
-        assert!(classify_pull_error("dial tcp: connection refused").starts_with("network"));
+        let c = PullFailure::classify;
+        assert_eq!(c("unauthorized: authentication required"), PullFailure::Auth);
+        assert_eq!(c("Head \"http://127.0.0.1:5000/v2/a/manifests/1\": no basic auth credentials"), PullFailure::Auth);
+        assert_eq!(c("manifest unknown"), PullFailure::NotFound);
+        assert_eq!(c("dial tcp: connection refused"), PullFailure::Network);
+        let why = PullFailure::Auth.describe("127.0.0.1:5000", &RegistryAuth::Ecr);
+        assert!(why.starts_with("authentication failed: 127.0.0.1:5000 refused the ECR token"), "{why}");
     }
 }
