@@ -81,11 +81,18 @@ pub enum AppCommand {
 pub struct Supervisor {
     shared: Shared,
     events: broadcast::Sender<ContainerEvent>,
+    /// `Some(why)` while the Docker Engine does not answer (set by the events watcher).
+    docker_down: watch::Receiver<Option<String>>,
     secrets: watch::Receiver<Arc<SecretSet>>,
     apps: Mutex<BTreeMap<String, mpsc::Sender<AppCommand>>>,
 }
 
 impl Supervisor {
+    /// Why the Docker Engine is unreachable, while it is: for status and the status line.
+    pub fn docker_problem(&self) -> Option<String> {
+        self.docker_down.borrow().clone()
+    }
+
     pub fn app_names(&self) -> Vec<String> {
         self.apps.lock().unwrap().keys().cloned().collect()
     }
@@ -151,6 +158,7 @@ impl Supervisor {
             shared: self.shared.clone(),
             secrets: self.secrets.clone(),
             events: self.events.subscribe(),
+            docker_down: self.docker_down.clone(),
             commands: rx,
             current: None,
             probe: Probe::new(),
@@ -228,9 +236,11 @@ pub fn start(
     secrets: watch::Receiver<Arc<SecretSet>>,
 ) -> Arc<Supervisor> {
     let (events, _) = broadcast::channel(256);
+    let (down_tx, docker_down) = watch::channel(None);
     tokio::spawn(watch_events(
         shared.docker.clone(),
         events.clone(),
+        down_tx,
         shared.shutdown.clone(),
     ));
     tokio::spawn(log_foreign_containers(
@@ -240,6 +250,7 @@ pub fn start(
     let supervisor = Arc::new(Supervisor {
         shared,
         events,
+        docker_down,
         secrets,
         apps: Mutex::new(BTreeMap::new()),
     });
@@ -255,14 +266,22 @@ struct ContainerEvent {
     exit_code: Option<String>,
 }
 
-/// One events stream for all apps; on a Docker restart it reconnects, and the apps'
-/// periodic reconcile covers whatever happened in between.
+/// Sent to every app task after the events stream was re-established: events may have been
+/// missed meanwhile (a Docker restart), so each app checks its container at once.
+const RESYNC: &str = "berth-resync";
+
+/// One events stream for all apps. It is also how berth notices that the Docker Engine went
+/// away (the stream breaks): it then pings with capped exponential backoff and jitter,
+/// reports the outage through `down` (status, status line), and once Docker answers again
+/// resubscribes and tells every app to reconcile.
 async fn watch_events(
     docker: Docker,
     tx: broadcast::Sender<ContainerEvent>,
+    down: watch::Sender<Option<String>>,
     shutdown: CancellationToken,
 ) {
     let mut backoff = Backoff::new(Duration::from_millis(200), Duration::from_secs(10));
+    let mut first = true;
     loop {
         let filters = HashMap::from([
             ("type".to_string(), vec!["container".to_string()]),
@@ -272,7 +291,15 @@ async fn watch_events(
             filters: Some(filters),
             ..Default::default()
         }));
-        loop {
+        if !first {
+            let _ = tx.send(ContainerEvent {
+                id: String::new(),
+                action: RESYNC.into(),
+                exit_code: None,
+            });
+        }
+        first = false;
+        let broke = loop {
             tokio::select! {
                 item = stream.next() => match item {
                     Some(Ok(ev)) => {
@@ -286,20 +313,68 @@ async fn watch_events(
                             exit_code: attrs.get("exitCode").cloned(),
                         });
                     }
-                    Some(Err(e)) => {
-                        tracing::warn!(error = %e, "Docker events stream failed; reconnecting");
-                        break;
-                    }
-                    None => break,
+                    Some(Err(e)) => break e.to_string(),
+                    None => break "the events stream ended".to_string(),
                 },
                 _ = shutdown.cancelled() => return,
             }
+        };
+        // The stream can end while Docker is fine; only a failed ping means it is gone.
+        loop {
+            match docker.ping().await {
+                Ok(_) => break,
+                Err(e) => {
+                    let wait = backoff.next_delay();
+                    if down.borrow().is_none() {
+                        tracing::warn!(error = %e, events_error = %broke, "the Docker Engine is unreachable; containers that still run are left alone; reconnecting with backoff");
+                    } else {
+                        tracing::debug!(error = %e, retry_in = ?wait, "Docker Engine still unreachable");
+                    }
+                    down.send_replace(Some(format!("Docker Engine unreachable: {e}")));
+                    tokio::select! {
+                        _ = tokio::time::sleep(wait) => {}
+                        _ = shutdown.cancelled() => return,
+                    }
+                }
+            }
         }
-        tokio::select! {
-            _ = tokio::time::sleep(backoff.next_delay()) => {}
-            _ = shutdown.cancelled() => return,
+        if down.send_replace(None).is_some() {
+            tracing::info!("the Docker Engine answers again; reconciling every app");
+            backoff.reset();
+        } else {
+            // Docker is fine but the stream broke: resubscribe, but never in a tight loop.
+            tracing::warn!(error = %broke, "Docker events stream failed; resubscribing");
+            tokio::select! {
+                _ = tokio::time::sleep(backoff.next_delay()) => {}
+                _ = shutdown.cancelled() => return,
+            }
         }
     }
+}
+
+/// Whether a Docker API error means the Engine did not answer at all (down, restarting, its
+/// socket gone), as opposed to an answer about the container (404, 409, ...).
+fn docker_unreachable(e: &bollard::errors::Error) -> bool {
+    use bollard::errors::Error as E;
+    matches!(
+        e,
+        E::IOError { .. }
+            | E::HyperResponseError { .. }
+            | E::HyperLegacyError { .. }
+            | E::HttpClientError { .. }
+            | E::RequestTimeoutError
+            | E::SocketNotFoundError(_)
+    )
+}
+
+/// What Docker says about a container.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Liveness {
+    Running,
+    /// Exited, or gone.
+    NotRunning,
+    /// Docker did not answer: nothing is known, nothing is to be done about the container.
+    Unknown,
 }
 
 /// Containers labelled for an app we no longer run are left alone, but said out loud.
@@ -348,6 +423,7 @@ struct AppTask {
     shared: Shared,
     secrets: watch::Receiver<Arc<SecretSet>>,
     events: broadcast::Receiver<ContainerEvent>,
+    docker_down: watch::Receiver<Option<String>>,
     commands: mpsc::Receiver<AppCommand>,
     current: Option<Running>,
     probe: Probe,
@@ -387,6 +463,10 @@ impl AppTask {
                 }
                 ev = self.events.recv() => {
                     let Ok(ev) = ev else { continue };
+                    if ev.action == RESYNC {
+                        self.resync(&mut crash_backoff, &mut healthy_since).await;
+                        continue;
+                    }
                     let ours = self.current.as_ref().is_some_and(|c| c.id == ev.id);
                     if ours && (ev.action == "die" || ev.action == "oom") {
                         self.on_crash(&ev, &mut crash_backoff, &mut healthy_since).await;
@@ -922,16 +1002,35 @@ impl AppTask {
     }
 
     async fn is_running(&self, id: &str) -> bool {
-        match self.inspect(id).await {
-            Ok(info) => info.state.and_then(|s| s.running).unwrap_or(false),
-            Err(_) => false,
+        self.liveness(id).await == Liveness::Running
+    }
+
+    async fn liveness(&self, id: &str) -> Liveness {
+        match self
+            .shared
+            .docker
+            .inspect_container(id, None::<InspectContainerOptions>)
+            .await
+        {
+            Ok(info) if info.state.as_ref().and_then(|s| s.running).unwrap_or(false) => Liveness::Running,
+            Ok(_) => Liveness::NotRunning,
+            Err(e) if docker_unreachable(&e) => Liveness::Unknown,
+            Err(_) => Liveness::NotRunning,
         }
+    }
+
+    fn docker_is_down(&self) -> bool {
+        self.docker_down.borrow().is_some()
     }
 
     /// Periodic check: the probe drives health and routing; a container that is gone or
     /// stopped without us seeing the event is treated as a crash.
     async fn reconcile(&mut self, backoff: &mut Backoff, healthy_since: &mut Option<Instant>) {
         let Some(cur) = self.current.clone() else {
+            // Nothing can start while Docker is away; its return triggers a resync.
+            if self.docker_is_down() {
+                return;
+            }
             // Nothing runs (a failed first start): try again, with backoff.
             let wait = backoff.next_delay();
             tokio::time::sleep(wait).await;
@@ -940,7 +1039,14 @@ impl AppTask {
             }
             return;
         };
-        if !self.is_running(&cur.id).await {
+        // Docker away (`Unknown`) is no crash: the container may well run on (live-restore),
+        // and the HTTP probe below still says whether it answers.
+        let liveness = if self.docker_is_down() {
+            Liveness::Unknown
+        } else {
+            self.liveness(&cur.id).await
+        };
+        if liveness == Liveness::NotRunning {
             let ev = ContainerEvent {
                 id: cur.id.clone(),
                 action: "die".into(),
@@ -949,7 +1055,16 @@ impl AppTask {
             self.on_crash(&ev, backoff, healthy_since).await;
             return;
         }
-        let passed = self.probe_once(cur.addr, &cur.id).await;
+        let passed = match (&self.config.health.path, liveness) {
+            // "Running" is the only health there is, and Docker cannot say: keep the verdict.
+            (None, Liveness::Unknown) => return,
+            (None, _) => true,
+            (Some(path), _) => {
+                self.probe
+                    .get(cur.addr, path, self.config.health.timeout.0)
+                    .await
+            }
+        };
         let verdict = self.probe.record(passed, &self.config.health);
         match verdict {
             Some(true) => {
@@ -977,6 +1092,87 @@ impl AppTask {
         }
     }
 
+    /// After the Docker Engine came back (or the events stream was re-established): events
+    /// may have been missed. A container that kept running (live-restore) is kept as it is;
+    /// one that Docker's shutdown stopped is started again at once (the app did not crash,
+    /// so no crash backoff); a vanished one is replaced.
+    async fn resync(&mut self, backoff: &mut Backoff, healthy_since: &mut Option<Instant>) {
+        let Some(cur) = self.current.clone() else {
+            if let Err(e) = self.adopt_or_rollout(None).await {
+                self.set_state(&format!("failed to start: {e:#}"), false);
+            }
+            return;
+        };
+        let info = match self
+            .shared
+            .docker
+            .inspect_container(&cur.id, None::<InspectContainerOptions>)
+            .await
+        {
+            Ok(info) => info,
+            Err(e) if docker_unreachable(&e) => return,
+            Err(_) => {
+                tracing::warn!(app = %self.name, container_id = %short(&cur.id), "the container is gone after the Docker restart; starting a new one");
+                self.current = None;
+                if let Err(e) = self.rollout(None, false).await {
+                    self.set_state(&format!("failed to start: {e:#}"), false);
+                }
+                return;
+            }
+        };
+        if info.state.as_ref().and_then(|s| s.running).unwrap_or(false) {
+            tracing::info!(app = %self.name, container_id = %short(&cur.id), "the container kept running through the Docker restart");
+            self.refresh_addr(&info);
+            return;
+        }
+        *healthy_since = None;
+        backoff.reset();
+        self.shared.router.set_backend(&self.name, None);
+        {
+            let mut board = self.shared.status.lock().unwrap();
+            let s = board.entry(self.name.clone()).or_default();
+            s.restarts += 1;
+            s.last_exit = Some("stopped by the Docker Engine's restart".into());
+        }
+        tracing::warn!(app = %self.name, container_id = %short(&cur.id), "the Docker restart stopped the container; starting it again");
+        match self
+            .shared
+            .docker
+            .start_container(&cur.id, None::<StartContainerOptions>)
+            .await
+        {
+            Ok(()) => {
+                if let Ok(info) = self.inspect(&cur.id).await {
+                    self.refresh_addr(&info);
+                }
+                self.set_state("restarted after the Docker restart; waiting until healthy", false);
+            }
+            Err(e) if docker_unreachable(&e) => {}
+            Err(e) => {
+                tracing::warn!(app = %self.name, error = %e, "cannot start the container again; creating a new one");
+                self.current = None;
+                if let Err(e) = self.rollout(None, false).await {
+                    self.set_state(&format!("failed to start: {e:#}"), false);
+                }
+            }
+        }
+    }
+
+    /// Re-reads the published port (a restarted container may get another one) and the
+    /// status fields; a changed port restarts health checking, whose verdict routes to it.
+    fn refresh_addr(&mut self, info: &ContainerInspectResponse) {
+        self.update_status(info);
+        let Some(addr) = published_addr(info, self.config.port) else {
+            return;
+        };
+        if let Some(c) = self.current.as_mut() {
+            if c.addr != addr {
+                c.addr = addr;
+                self.probe = Probe::new();
+            }
+        }
+    }
+
     async fn on_crash(
         &mut self,
         ev: &ContainerEvent,
@@ -986,7 +1182,21 @@ impl AppTask {
         let Some(cur) = self.current.clone() else {
             return;
         };
-        let info = self.inspect(&cur.id).await.ok();
+        let info = match self
+            .shared
+            .docker
+            .inspect_container(&cur.id, None::<InspectContainerOptions>)
+            .await
+        {
+            Ok(info) => Some(info),
+            // Docker going away (its shutdown stops containers when live-restore is off):
+            // not the app's fault; the resync after Docker returns restarts what is stopped.
+            Err(e) if docker_unreachable(&e) => {
+                tracing::info!(app = %self.name, container_id = %short(&cur.id), "container stopped while the Docker Engine goes away; checking again once it answers");
+                return;
+            }
+            Err(_) => None,
+        };
         let state = info.as_ref().and_then(|i| i.state.clone());
         // The periodic reconcile may have seen the exit first and restarted the container;
         // the `die` event that arrives afterwards is stale and must not count twice.
@@ -1056,6 +1266,11 @@ impl AppTask {
                     self.update_status(&info);
                 }
                 self.probe = Probe::new();
+            }
+            Err(e) if docker_unreachable(&e) => {
+                // Keep the container: it is still ours once Docker is back (see `resync`).
+                tracing::warn!(app = %self.name, container_id = %short(&cur.id), error = %e, "cannot restart the container: the Docker Engine is unreachable; restarting once it answers");
+                self.set_state("waiting for Docker to restart the container", false);
             }
             Err(e) => {
                 // The container itself is gone (removed by hand): start a fresh one.
@@ -1325,6 +1540,18 @@ mod tests {
             ("registry:5000/web", "2")
         );
         assert_eq!(split_image("web@sha256:ab"), ("web", "sha256:ab"));
+    }
+
+    #[test]
+    fn only_transport_errors_mean_docker_is_unreachable() {
+        use bollard::errors::Error as E;
+        assert!(docker_unreachable(&E::SocketNotFoundError("/run/docker.sock".into())));
+        assert!(docker_unreachable(&E::RequestTimeoutError));
+        // Docker answered: about the container, not about Docker.
+        assert!(!docker_unreachable(&E::DockerResponseServerError {
+            status_code: 404,
+            message: "No such container".into(),
+        }));
     }
 
     #[test]
