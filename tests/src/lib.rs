@@ -10,6 +10,7 @@ use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
+pub mod dockerd;
 pub mod faultproxy;
 pub mod moto;
 pub mod notify;
