@@ -359,6 +359,7 @@ async fn start_supervision(config: Config, router: Router, live: Arc<Live>, shut
         drain_timeout: config.agent.drain_timeout.0,
         on_change: config.secrets.on_change,
         ssm: sdk.as_ref().map(aws_sdk_ssm::Client::new),
+        ecr: Arc::new(crate::ecr::EcrAuth::new(config.aws.clone(), sdk.clone())),
         hash_key: match state::hash_key(&config.agent.state_dir) {
             Ok(k) => k.into(),
             Err(e) => {

@@ -9,6 +9,7 @@ mod backoff;
 mod cli;
 mod config;
 mod daemon;
+mod ecr;
 mod logging;
 mod metrics;
 mod plan;

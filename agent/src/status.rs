@@ -95,7 +95,7 @@ impl Live {
             uptime_seconds: self.started.elapsed().as_secs(),
             healthy: self.health.is_healthy(),
             draining: self.health.is_draining(),
-            waiting_for: self.waiting.lock().unwrap().clone(),
+            waiting_for: self.waiting.lock().unwrap().clone().or_else(|| self.docker_problem()),
             apps,
             secrets,
             tls: self.acme.get().and_then(|a| serde_json::to_value(a.status()).ok()),
@@ -113,6 +113,8 @@ impl Live {
         if self.health.is_draining() {
             return "stopping: draining".into();
         }
+        // Said first: while Docker is away berth can neither restart nor roll out.
+        let docker = self.docker_problem().map(|p| format!("waiting for Docker ({p}); "));
         let config = self.config();
         if config.apps.is_empty() {
             return "serving: no apps configured".into();
@@ -135,13 +137,18 @@ impl Live {
             })
             .collect();
         let verb = if unhealthy.is_empty() { "serving" } else { "waiting:" };
-        let mut line = format!("{verb} {}", parts.join(", "));
+        let mut line = format!("{}{verb} {}", docker.unwrap_or_default(), parts.join(", "));
         if let Some(tls) = self.acme.get().and_then(|a| a.status_line()) {
             line.push_str(&format!("; {tls}"));
         } else if let Some(cert) = self.cert_summary() {
             line.push_str(&format!(", {cert}"));
         }
         line
+    }
+
+    /// Set while the Docker Engine does not answer (berth reconnects with backoff).
+    fn docker_problem(&self) -> Option<String> {
+        self.supervisor.get()?.docker_problem()
     }
 
     /// `cert api.example.com valid 61d`, once an ACME or file certificate serves.

@@ -81,11 +81,18 @@ pub enum AppCommand {
 pub struct Supervisor {
     shared: Shared,
     events: broadcast::Sender<ContainerEvent>,
+    /// `Some(why)` while the Docker Engine does not answer (set by the events watcher).
+    docker_down: watch::Receiver<Option<String>>,
     secrets: watch::Receiver<Arc<SecretSet>>,
     apps: Mutex<BTreeMap<String, mpsc::Sender<AppCommand>>>,
 }
 
 impl Supervisor {
+    /// Why the Docker Engine is unreachable, while it is: for status and the status line.
+    pub fn docker_problem(&self) -> Option<String> {
+        self.docker_down.borrow().clone()
+    }
+
     pub fn app_names(&self) -> Vec<String> {
         self.apps.lock().unwrap().keys().cloned().collect()
     }
@@ -151,6 +158,7 @@ impl Supervisor {
             shared: self.shared.clone(),
             secrets: self.secrets.clone(),
             events: self.events.subscribe(),
+            docker_down: self.docker_down.clone(),
             commands: rx,
             current: None,
             probe: Probe::new(),
@@ -174,6 +182,8 @@ pub struct Shared {
     pub hash_key: Arc<[u8]>,
     /// For registry credentials kept in SSM (`registry_auth = { username, password }`).
     pub ssm: Option<aws_sdk_ssm::Client>,
+    /// `registry_auth = "ecr"`: tokens from GetAuthorizationToken, cached.
+    pub ecr: Arc<crate::ecr::EcrAuth>,
 }
 
 /// Connects to the local Docker Engine, retrying with backoff while it is not up (berth
@@ -226,9 +236,11 @@ pub fn start(
     secrets: watch::Receiver<Arc<SecretSet>>,
 ) -> Arc<Supervisor> {
     let (events, _) = broadcast::channel(256);
+    let (down_tx, docker_down) = watch::channel(None);
     tokio::spawn(watch_events(
         shared.docker.clone(),
         events.clone(),
+        down_tx,
         shared.shutdown.clone(),
     ));
     tokio::spawn(log_foreign_containers(
@@ -238,6 +250,7 @@ pub fn start(
     let supervisor = Arc::new(Supervisor {
         shared,
         events,
+        docker_down,
         secrets,
         apps: Mutex::new(BTreeMap::new()),
     });
@@ -253,14 +266,22 @@ struct ContainerEvent {
     exit_code: Option<String>,
 }
 
-/// One events stream for all apps; on a Docker restart it reconnects, and the apps'
-/// periodic reconcile covers whatever happened in between.
+/// Sent to every app task after the events stream was re-established: events may have been
+/// missed meanwhile (a Docker restart), so each app checks its container at once.
+const RESYNC: &str = "berth-resync";
+
+/// One events stream for all apps. It is also how berth notices that the Docker Engine went
+/// away (the stream breaks): it then pings with capped exponential backoff and jitter,
+/// reports the outage through `down` (status, status line), and once Docker answers again
+/// resubscribes and tells every app to reconcile.
 async fn watch_events(
     docker: Docker,
     tx: broadcast::Sender<ContainerEvent>,
+    down: watch::Sender<Option<String>>,
     shutdown: CancellationToken,
 ) {
     let mut backoff = Backoff::new(Duration::from_millis(200), Duration::from_secs(10));
+    let mut first = true;
     loop {
         let filters = HashMap::from([
             ("type".to_string(), vec!["container".to_string()]),
@@ -270,7 +291,15 @@ async fn watch_events(
             filters: Some(filters),
             ..Default::default()
         }));
-        loop {
+        if !first {
+            let _ = tx.send(ContainerEvent {
+                id: String::new(),
+                action: RESYNC.into(),
+                exit_code: None,
+            });
+        }
+        first = false;
+        let broke = loop {
             tokio::select! {
                 item = stream.next() => match item {
                     Some(Ok(ev)) => {
@@ -284,20 +313,68 @@ async fn watch_events(
                             exit_code: attrs.get("exitCode").cloned(),
                         });
                     }
-                    Some(Err(e)) => {
-                        tracing::warn!(error = %e, "Docker events stream failed; reconnecting");
-                        break;
-                    }
-                    None => break,
+                    Some(Err(e)) => break e.to_string(),
+                    None => break "the events stream ended".to_string(),
                 },
                 _ = shutdown.cancelled() => return,
             }
+        };
+        // The stream can end while Docker is fine; only a failed ping means it is gone.
+        loop {
+            match docker.ping().await {
+                Ok(_) => break,
+                Err(e) => {
+                    let wait = backoff.next_delay();
+                    if down.borrow().is_none() {
+                        tracing::warn!(error = %e, events_error = %broke, "the Docker Engine is unreachable; containers that still run are left alone; reconnecting with backoff");
+                    } else {
+                        tracing::debug!(error = %e, retry_in = ?wait, "Docker Engine still unreachable");
+                    }
+                    down.send_replace(Some(format!("Docker Engine unreachable: {e}")));
+                    tokio::select! {
+                        _ = tokio::time::sleep(wait) => {}
+                        _ = shutdown.cancelled() => return,
+                    }
+                }
+            }
         }
-        tokio::select! {
-            _ = tokio::time::sleep(backoff.next_delay()) => {}
-            _ = shutdown.cancelled() => return,
+        if down.send_replace(None).is_some() {
+            tracing::info!("the Docker Engine answers again; reconciling every app");
+            backoff.reset();
+        } else {
+            // Docker is fine but the stream broke: resubscribe, but never in a tight loop.
+            tracing::warn!(error = %broke, "Docker events stream failed; resubscribing");
+            tokio::select! {
+                _ = tokio::time::sleep(backoff.next_delay()) => {}
+                _ = shutdown.cancelled() => return,
+            }
         }
     }
+}
+
+/// Whether a Docker API error means the Engine did not answer at all (down, restarting, its
+/// socket gone), as opposed to an answer about the container (404, 409, ...).
+fn docker_unreachable(e: &bollard::errors::Error) -> bool {
+    use bollard::errors::Error as E;
+    matches!(
+        e,
+        E::IOError { .. }
+            | E::HyperResponseError { .. }
+            | E::HyperLegacyError { .. }
+            | E::HttpClientError { .. }
+            | E::RequestTimeoutError
+            | E::SocketNotFoundError(_)
+    )
+}
+
+/// What Docker says about a container.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Liveness {
+    Running,
+    /// Exited, or gone.
+    NotRunning,
+    /// Docker did not answer: nothing is known, nothing is to be done about the container.
+    Unknown,
 }
 
 /// Containers labelled for an app we no longer run are left alone, but said out loud.
@@ -346,6 +423,7 @@ struct AppTask {
     shared: Shared,
     secrets: watch::Receiver<Arc<SecretSet>>,
     events: broadcast::Receiver<ContainerEvent>,
+    docker_down: watch::Receiver<Option<String>>,
     commands: mpsc::Receiver<AppCommand>,
     current: Option<Running>,
     probe: Probe,
@@ -385,6 +463,10 @@ impl AppTask {
                 }
                 ev = self.events.recv() => {
                     let Ok(ev) = ev else { continue };
+                    if ev.action == RESYNC {
+                        self.resync(&mut crash_backoff, &mut healthy_since).await;
+                        continue;
+                    }
                     let ours = self.current.as_ref().is_some_and(|c| c.id == ev.id);
                     if ours && (ev.action == "die" || ev.action == "oom") {
                         self.on_crash(&ev, &mut crash_backoff, &mut healthy_since).await;
@@ -592,7 +674,39 @@ impl AppTask {
             return Ok(());
         }
         tracing::info!(app = %self.name, image, "pulling image");
-        let credentials = self.registry_credentials(image).await?;
+        let registry = registry_host(image);
+        let ecr = self.config.registry_auth == RegistryAuth::Ecr;
+        let mut credentials = self.registry_credentials(image).await?;
+        let mut retried = false;
+        loop {
+            let Err(e) = self.pull(image, credentials).await else {
+                return Ok(());
+            };
+            let failure = PullFailure::classify(&e.to_string());
+            // A cached ECR token the registry no longer takes (revoked session, skewed
+            // clock): drop it and try once more with a fresh one, never in a loop.
+            if ecr && failure == PullFailure::Auth && !retried {
+                retried = true;
+                tracing::warn!(app = %self.name, image, registry, "the registry refused the ECR token; fetching a fresh one and retrying once");
+                self.shared.ecr.invalidate(registry);
+                credentials = self.registry_credentials(image).await?;
+                continue;
+            }
+            let why = failure.describe(registry, &self.config.registry_auth);
+            if present && !force_pull {
+                tracing::warn!(app = %self.name, image, error = %e, "pull failed ({why}); using the local image");
+                return Ok(());
+            }
+            return Err(anyhow!("pulling {image} failed ({why}): {e}"));
+        }
+    }
+
+    /// One pull, progress to the debug log; the first error ends it.
+    async fn pull(
+        &self,
+        image: &str,
+        credentials: Option<DockerCredentials>,
+    ) -> Result<(), bollard::errors::Error> {
         let (repo, tag) = split_image(image);
         let mut stream = self.shared.docker.create_image(
             Some(CreateImageOptions {
@@ -604,20 +718,8 @@ impl AppTask {
             credentials,
         );
         while let Some(item) = stream.next().await {
-            match item {
-                Ok(info) => {
-                    if let Some(status) = info.status {
-                        tracing::debug!(app = %self.name, image, progress = %status, "pull");
-                    }
-                }
-                Err(e) => {
-                    let why = classify_pull_error(&e.to_string());
-                    if present && !force_pull {
-                        tracing::warn!(app = %self.name, image, error = %e, "pull failed ({why}); using the local image");
-                        return Ok(());
-                    }
-                    return Err(anyhow!("pulling {image} failed ({why}): {e}"));
-                }
+            if let Some(status) = item?.status {
+                tracing::debug!(app = %self.name, image, progress = %status, "pull");
             }
         }
         Ok(())
@@ -628,9 +730,17 @@ impl AppTask {
     async fn registry_credentials(&self, image: &str) -> anyhow::Result<Option<DockerCredentials>> {
         match &self.config.registry_auth {
             RegistryAuth::None => Ok(None),
-            RegistryAuth::Ecr => Err(anyhow!(
-                "registry_auth = \"ecr\" is not supported by this build yet; use basic credentials from SSM or an instance-level docker credential helper"
-            )),
+            // Cached in memory until 30 minutes before the token expires (see `ecr`).
+            RegistryAuth::Ecr => {
+                let registry = registry_host(image);
+                let creds = self
+                    .shared
+                    .ecr
+                    .credentials(registry)
+                    .await
+                    .with_context(|| format!("registry_auth = \"ecr\": no token for {registry}"))?;
+                Ok(Some(creds))
+            }
             RegistryAuth::Basic { username, password } => {
                 let ssm = self.shared.ssm.as_ref().ok_or_else(|| anyhow!("registry_auth needs SSM, but no AWS client is configured"))?;
                 let out = ssm
@@ -892,16 +1002,35 @@ impl AppTask {
     }
 
     async fn is_running(&self, id: &str) -> bool {
-        match self.inspect(id).await {
-            Ok(info) => info.state.and_then(|s| s.running).unwrap_or(false),
-            Err(_) => false,
+        self.liveness(id).await == Liveness::Running
+    }
+
+    async fn liveness(&self, id: &str) -> Liveness {
+        match self
+            .shared
+            .docker
+            .inspect_container(id, None::<InspectContainerOptions>)
+            .await
+        {
+            Ok(info) if info.state.as_ref().and_then(|s| s.running).unwrap_or(false) => Liveness::Running,
+            Ok(_) => Liveness::NotRunning,
+            Err(e) if docker_unreachable(&e) => Liveness::Unknown,
+            Err(_) => Liveness::NotRunning,
         }
+    }
+
+    fn docker_is_down(&self) -> bool {
+        self.docker_down.borrow().is_some()
     }
 
     /// Periodic check: the probe drives health and routing; a container that is gone or
     /// stopped without us seeing the event is treated as a crash.
     async fn reconcile(&mut self, backoff: &mut Backoff, healthy_since: &mut Option<Instant>) {
         let Some(cur) = self.current.clone() else {
+            // Nothing can start while Docker is away; its return triggers a resync.
+            if self.docker_is_down() {
+                return;
+            }
             // Nothing runs (a failed first start): try again, with backoff.
             let wait = backoff.next_delay();
             tokio::time::sleep(wait).await;
@@ -910,7 +1039,14 @@ impl AppTask {
             }
             return;
         };
-        if !self.is_running(&cur.id).await {
+        // Docker away (`Unknown`) is no crash: the container may well run on (live-restore),
+        // and the HTTP probe below still says whether it answers.
+        let liveness = if self.docker_is_down() {
+            Liveness::Unknown
+        } else {
+            self.liveness(&cur.id).await
+        };
+        if liveness == Liveness::NotRunning {
             let ev = ContainerEvent {
                 id: cur.id.clone(),
                 action: "die".into(),
@@ -919,7 +1055,16 @@ impl AppTask {
             self.on_crash(&ev, backoff, healthy_since).await;
             return;
         }
-        let passed = self.probe_once(cur.addr, &cur.id).await;
+        let passed = match (&self.config.health.path, liveness) {
+            // "Running" is the only health there is, and Docker cannot say: keep the verdict.
+            (None, Liveness::Unknown) => return,
+            (None, _) => true,
+            (Some(path), _) => {
+                self.probe
+                    .get(cur.addr, path, self.config.health.timeout.0)
+                    .await
+            }
+        };
         let verdict = self.probe.record(passed, &self.config.health);
         match verdict {
             Some(true) => {
@@ -947,6 +1092,87 @@ impl AppTask {
         }
     }
 
+    /// After the Docker Engine came back (or the events stream was re-established): events
+    /// may have been missed. A container that kept running (live-restore) is kept as it is;
+    /// one that Docker's shutdown stopped is started again at once (the app did not crash,
+    /// so no crash backoff); a vanished one is replaced.
+    async fn resync(&mut self, backoff: &mut Backoff, healthy_since: &mut Option<Instant>) {
+        let Some(cur) = self.current.clone() else {
+            if let Err(e) = self.adopt_or_rollout(None).await {
+                self.set_state(&format!("failed to start: {e:#}"), false);
+            }
+            return;
+        };
+        let info = match self
+            .shared
+            .docker
+            .inspect_container(&cur.id, None::<InspectContainerOptions>)
+            .await
+        {
+            Ok(info) => info,
+            Err(e) if docker_unreachable(&e) => return,
+            Err(_) => {
+                tracing::warn!(app = %self.name, container_id = %short(&cur.id), "the container is gone after the Docker restart; starting a new one");
+                self.current = None;
+                if let Err(e) = self.rollout(None, false).await {
+                    self.set_state(&format!("failed to start: {e:#}"), false);
+                }
+                return;
+            }
+        };
+        if info.state.as_ref().and_then(|s| s.running).unwrap_or(false) {
+            tracing::info!(app = %self.name, container_id = %short(&cur.id), "the container kept running through the Docker restart");
+            self.refresh_addr(&info);
+            return;
+        }
+        *healthy_since = None;
+        backoff.reset();
+        self.shared.router.set_backend(&self.name, None);
+        {
+            let mut board = self.shared.status.lock().unwrap();
+            let s = board.entry(self.name.clone()).or_default();
+            s.restarts += 1;
+            s.last_exit = Some("stopped by the Docker Engine's restart".into());
+        }
+        tracing::warn!(app = %self.name, container_id = %short(&cur.id), "the Docker restart stopped the container; starting it again");
+        match self
+            .shared
+            .docker
+            .start_container(&cur.id, None::<StartContainerOptions>)
+            .await
+        {
+            Ok(()) => {
+                if let Ok(info) = self.inspect(&cur.id).await {
+                    self.refresh_addr(&info);
+                }
+                self.set_state("restarted after the Docker restart; waiting until healthy", false);
+            }
+            Err(e) if docker_unreachable(&e) => {}
+            Err(e) => {
+                tracing::warn!(app = %self.name, error = %e, "cannot start the container again; creating a new one");
+                self.current = None;
+                if let Err(e) = self.rollout(None, false).await {
+                    self.set_state(&format!("failed to start: {e:#}"), false);
+                }
+            }
+        }
+    }
+
+    /// Re-reads the published port (a restarted container may get another one) and the
+    /// status fields; a changed port restarts health checking, whose verdict routes to it.
+    fn refresh_addr(&mut self, info: &ContainerInspectResponse) {
+        self.update_status(info);
+        let Some(addr) = published_addr(info, self.config.port) else {
+            return;
+        };
+        if let Some(c) = self.current.as_mut() {
+            if c.addr != addr {
+                c.addr = addr;
+                self.probe = Probe::new();
+            }
+        }
+    }
+
     async fn on_crash(
         &mut self,
         ev: &ContainerEvent,
@@ -956,7 +1182,21 @@ impl AppTask {
         let Some(cur) = self.current.clone() else {
             return;
         };
-        let info = self.inspect(&cur.id).await.ok();
+        let info = match self
+            .shared
+            .docker
+            .inspect_container(&cur.id, None::<InspectContainerOptions>)
+            .await
+        {
+            Ok(info) => Some(info),
+            // Docker going away (its shutdown stops containers when live-restore is off):
+            // not the app's fault; the resync after Docker returns restarts what is stopped.
+            Err(e) if docker_unreachable(&e) => {
+                tracing::info!(app = %self.name, container_id = %short(&cur.id), "container stopped while the Docker Engine goes away; checking again once it answers");
+                return;
+            }
+            Err(_) => None,
+        };
         let state = info.as_ref().and_then(|i| i.state.clone());
         // The periodic reconcile may have seen the exit first and restarted the container;
         // the `die` event that arrives afterwards is stale and must not count twice.
@@ -1026,6 +1266,11 @@ impl AppTask {
                     self.update_status(&info);
                 }
                 self.probe = Probe::new();
+            }
+            Err(e) if docker_unreachable(&e) => {
+                // Keep the container: it is still ours once Docker is back (see `resync`).
+                tracing::warn!(app = %self.name, container_id = %short(&cur.id), error = %e, "cannot restart the container: the Docker Engine is unreachable; restarting once it answers");
+                self.set_state("waiting for Docker to restart the container", false);
             }
             Err(e) => {
                 // The container itself is gone (removed by hand): start a fresh one.
@@ -1202,25 +1447,56 @@ fn split_image(image: &str) -> (&str, &str) {
     }
 }
 
-fn classify_pull_error(msg: &str) -> &'static str {
-    let m = msg.to_ascii_lowercase();
-    if m.contains("unauthorized")
-        || m.contains("authentication")
-        || m.contains("denied")
-        || m.contains("401")
-        || m.contains("403")
-    {
-        "authentication failed: check registry_auth"
-    } else if m.contains("not found") || m.contains("manifest unknown") || m.contains("404") {
-        "image not found: check the name and tag"
-    } else if m.contains("timeout")
-        || m.contains("connection")
-        || m.contains("dial")
-        || m.contains("no such host")
-    {
-        "network: the registry is unreachable (NAT gateway or VPC endpoints for ECR?)"
-    } else {
-        "registry error"
+/// Why a pull failed, from Docker's message (the registry's answer passes through as text).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum PullFailure {
+    Auth,
+    NotFound,
+    Network,
+    Other,
+}
+
+impl PullFailure {
+    fn classify(msg: &str) -> Self {
+        let m = msg.to_ascii_lowercase();
+        if m.contains("unauthorized")
+            || m.contains("authentication")
+            || m.contains("no basic auth credentials")
+            || m.contains("denied")
+            || m.contains("401")
+            || m.contains("403")
+        {
+            PullFailure::Auth
+        } else if m.contains("not found") || m.contains("manifest unknown") || m.contains("404") {
+            PullFailure::NotFound
+        } else if m.contains("timeout")
+            || m.contains("connection")
+            || m.contains("dial")
+            || m.contains("no such host")
+        {
+            PullFailure::Network
+        } else {
+            PullFailure::Other
+        }
+    }
+
+    /// The operator's next step, for the error and the log.
+    fn describe(self, registry: &str, auth: &RegistryAuth) -> String {
+        match (self, auth) {
+            (PullFailure::Auth, RegistryAuth::Ecr) => format!(
+                "authentication failed: {registry} refused the ECR token even after a fresh one \
+                 (the instance role needs ecr:BatchGetImage and ecr:GetDownloadUrlForLayer on the \
+                 repository, and the image must be in the token's account and region)"
+            ),
+            (PullFailure::Auth, _) => {
+                format!("authentication failed: {registry} refused the credentials; check registry_auth")
+            }
+            (PullFailure::NotFound, _) => "image not found: check the name and tag".into(),
+            (PullFailure::Network, _) => format!(
+                "network: the registry {registry} is unreachable (NAT gateway or VPC endpoints for ECR?)"
+            ),
+            (PullFailure::Other, _) => "registry error".into(),
+        }
     }
 }
 
@@ -1267,10 +1543,25 @@ mod tests {
     }
 
     #[test]
+    fn only_transport_errors_mean_docker_is_unreachable() {
+        use bollard::errors::Error as E;
+        assert!(docker_unreachable(&E::SocketNotFoundError("/run/docker.sock".into())));
+        assert!(docker_unreachable(&E::RequestTimeoutError));
+        // Docker answered: about the container, not about Docker.
+        assert!(!docker_unreachable(&E::DockerResponseServerError {
+            status_code: 404,
+            message: "No such container".into(),
+        }));
+    }
+
+    #[test]
     fn pull_errors_are_classified() {
-        assert!(classify_pull_error("unauthorized: authentication required")
-            .starts_with("authentication"));
-        assert!(classify_pull_error("manifest unknown").starts_with("image not found"));
-        assert!(classify_pull_error("dial tcp: connection refused").starts_with("network"));
+        let c = PullFailure::classify;
+        assert_eq!(c("unauthorized: authentication required"), PullFailure::Auth);
+        assert_eq!(c("Head \"http://127.0.0.1:5000/v2/a/manifests/1\": no basic auth credentials"), PullFailure::Auth);
+        assert_eq!(c("manifest unknown"), PullFailure::NotFound);
+        assert_eq!(c("dial tcp: connection refused"), PullFailure::Network);
+        let why = PullFailure::Auth.describe("127.0.0.1:5000", &RegistryAuth::Ecr);
+        assert!(why.starts_with("authentication failed: 127.0.0.1:5000 refused the ECR token"), "{why}");
     }
 }

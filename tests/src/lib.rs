@@ -10,6 +10,7 @@ use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
+pub mod dockerd;
 pub mod faultproxy;
 pub mod moto;
 pub mod notify;
@@ -216,15 +217,21 @@ pub fn curl(args: &[&str]) -> (u16, String) {
 
 /// One SSM API call against moto, signed with SigV4 by curl exactly as the SDK signs it.
 pub fn ssm(target: &str, body: serde_json::Value) -> serde_json::Value {
+    aws_json("ssm", &format!("AmazonSSM.{target}"), body)
+}
+
+/// One AWS JSON-protocol call against moto: `service` is the SigV4 signing name (`ssm`,
+/// `ecr`), `target` the full `X-Amz-Target` (`AmazonEC2ContainerRegistry_V20150921.GetAuthorizationToken`).
+pub fn aws_json(service: &str, target: &str, body: serde_json::Value) -> serde_json::Value {
     let out = Command::new("curl")
         .args([
             "-sS",
             "--aws-sigv4",
-            "aws:amz:us-east-1:ssm",
+            &format!("aws:amz:us-east-1:{service}"),
             "-u",
             "testing:testing",
             "-H",
-            &format!("X-Amz-Target: AmazonSSM.{target}"),
+            &format!("X-Amz-Target: {target}"),
             "-H",
             "Content-Type: application/x-amz-json-1.1",
             "--data",
@@ -234,7 +241,7 @@ pub fn ssm(target: &str, body: serde_json::Value) -> serde_json::Value {
         .output()
         .expect("curl");
     let text = String::from_utf8_lossy(&out.stdout).to_string();
-    serde_json::from_str(&text).unwrap_or_else(|e| panic!("SSM {target}: {e}: {text}"))
+    serde_json::from_str(&text).unwrap_or_else(|e| panic!("{target}: {e}: {text}"))
 }
 
 /// Puts (overwrites) a SecureString parameter.

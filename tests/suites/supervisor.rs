@@ -1,12 +1,15 @@
 //! Container supervision through the real Docker Engine, driven by the real binary: the
 //! container's environment, crash restarts with backoff, adoption after `kill -9`, and
-//! rollouts under load with zero failed requests.
+//! rollouts under load with zero failed requests, and a restart of the Docker Engine itself
+//! (on a private dockerd: the shared one is never stopped).
 
 use std::collections::BTreeMap;
 use std::process::Command;
 use std::time::{Duration, Instant};
 
-use berth_tests::{config_toml, curl, env, load, ssm_put, wait_for, Berth, Ports, TestApp, TestDir};
+use berth_tests::dockerd::PrivateDockerd;
+use berth_tests::notify::NotifySocket;
+use berth_tests::{berth_bin, config_toml, curl, env, load, ssm_put, wait_for, Berth, Ports, TestApp, TestDir};
 
 fn health(ports: Ports) -> (u16, String) {
     curl(&[&format!("http://127.0.0.1:{}/_berth/health", ports.http)])
@@ -399,4 +402,112 @@ fn reload_rolls_out_a_new_image_and_rejects_an_invalid_config() {
     assert!(berth.logs().contains("apps.") && berth.logs().contains("between 1 and 65535"), "{}", berth.logs());
     assert!(get(ports, "/").1.starts_with("testapp v2 "));
     assert_eq!(health(ports).0, 200);
+}
+
+fn status_json(cfg: &std::path::Path) -> serde_json::Value {
+    let out = Command::new(berth_bin()).args(["status", "--json", "-c"]).arg(cfg).output().unwrap();
+    serde_json::from_slice(&out.stdout).unwrap_or(serde_json::Value::Null)
+}
+
+/// The Docker Engine restarts under a running berth (a docker.io upgrade, `systemctl restart
+/// docker`). All real: a private dockerd (its own socket, roots, containerd and bridge; see
+/// `berth_tests::dockerd`) that berth reaches through `DOCKER_HOST`, stopped with SIGTERM as
+/// systemd stops it, the notify socket as systemd's.
+///
+/// First without live-restore: dockerd's shutdown stops the app container; berth must stay
+/// up, say that it waits for Docker, and start the container again once Docker is back.
+/// Then with `--live-restore`: the container runs through the restart and berth keeps it
+/// (same ID, same StartedAt). Its published port does not answer while dockerd is down
+/// (docker-proxy dies with dockerd; the container itself runs), so the test asserts serving
+/// again afterwards, not during.
+#[test]
+fn docker_engine_restart_berth_stays_up_reports_it_and_serves_again() {
+    let Some(mut dockerd) = PrivateDockerd::start(false) else { return };
+    dockerd.load_image(&env("BERTH_TEST_APP_IMAGE"));
+    let dir = TestDir::new();
+    let ports = Ports::pick();
+    let app = TestApp::new("dockerd");
+    let rest = format!(
+        r#"
+[apps.{name}]
+image = "{image}"
+port = 8080
+pull = "never"
+stop_timeout = "2s"
+[apps.{name}.health]
+path = "/health"
+interval = "300ms"
+timeout = "1s"
+start_period = "3s"
+[apps.{name}.restart]
+initial_backoff = "200ms"
+max_backoff = "2s"
+"#,
+        name = app.name,
+        image = env("BERTH_TEST_APP_IMAGE"),
+    );
+    let cfg = dir.write("berth.toml", &config_toml(&dir, ports, "0s", "2s", &rest));
+    let mut notify = NotifySocket::bind(dir.path());
+    let mut cmd = Berth::command(&cfg);
+    cmd.env("BERTH_LOG", "info,berth=debug").env("DOCKER_HOST", &dockerd.host).env("NOTIFY_SOCKET", &notify.path);
+    let mut berth = Berth::spawn(cmd, &dir);
+    let serves = |what: &str, berth: &Berth| {
+        wait_for(what, Duration::from_secs(40), || (get(ports, "/health").0 == 200).then_some(()));
+        assert_eq!(health(ports).0, 200, "{}", berth.logs());
+    };
+    serves("the app to serve through berth", &berth);
+    let containers = |d: &PrivateDockerd| -> Vec<String> {
+        let out = d.run(&["ps", "-aq", "--no-trunc", "--filter", &format!("label=berth.app={}", app.name)]);
+        out.lines().map(str::to_owned).collect()
+    };
+    let ids = containers(&dockerd);
+    assert_eq!(ids.len(), 1, "{ids:?}");
+    let id = ids[0].clone();
+    let started_1 = dockerd.inspect(&id, "{{.State.StartedAt}}");
+
+    let docker_down_reported = |notify: &mut NotifySocket, berth: &mut Berth| {
+        let waiting = wait_for("status to say berth waits for Docker", Duration::from_secs(20), || {
+            status_json(&cfg)["waiting_for"].as_str().filter(|w| w.contains("Docker")).map(str::to_owned)
+        });
+        assert!(waiting.contains("unreachable"), "{waiting}");
+        assert!(
+            notify.wait_for("STATUS=waiting for Docker", Duration::from_secs(10)),
+            "the systemd status line says it: {:?}",
+            notify.received
+        );
+        assert!(berth.child.try_wait().unwrap().is_none(), "berth must stay up:\n{}", berth.logs());
+        // berth itself still answers; the app's port does not, so its health goes 503.
+        wait_for("the health path to answer 503", Duration::from_secs(10), || (health(ports).0 == 503).then_some(()));
+    };
+    let docker_back_reported = |cfg: &std::path::Path| {
+        wait_for("status to stop waiting for Docker", Duration::from_secs(20), || {
+            status_json(cfg)["waiting_for"].is_null().then_some(())
+        });
+    };
+
+    // 1. No live-restore: Docker's shutdown stops the container.
+    dockerd.stop();
+    docker_down_reported(&mut notify, &mut berth);
+    dockerd.restart(true);
+    serves("the app to serve again after Docker came back", &berth);
+    docker_back_reported(&cfg);
+    assert_eq!(containers(&dockerd), vec![id.clone()], "the same container, started again");
+    let started_2 = dockerd.inspect(&id, "{{.State.StartedAt}}");
+    assert_ne!(started_2, started_1, "it was stopped with Docker, so it was started again");
+    assert!(berth.logs().contains("the Docker restart stopped the container; starting it again"), "{}", berth.logs());
+    let restarts = status_json(&cfg)["apps"][&app.name]["restarts"].as_u64().unwrap();
+    assert!(restarts >= 1, "counted as a restart: {restarts}");
+
+    // 2. live-restore: the container runs on, and berth keeps it.
+    notify.received.clear();
+    dockerd.stop();
+    assert!(dockerd.shim_running(&id), "live-restore: the container runs without dockerd");
+    docker_down_reported(&mut notify, &mut berth);
+    dockerd.restart(true);
+    serves("the app to serve again after the live-restore restart", &berth);
+    docker_back_reported(&cfg);
+    assert_eq!(containers(&dockerd), vec![id.clone()]);
+    assert_eq!(dockerd.inspect(&id, "{{.State.StartedAt}}"), started_2, "not restarted: live-restore kept it running");
+    assert!(berth.logs().contains("the container kept running through the Docker restart"), "{}", berth.logs());
+    assert!(berth.child.try_wait().unwrap().is_none(), "berth must stay up");
 }
