@@ -165,25 +165,24 @@ fn upgrade_protocol<B>(req: &Request<B>) -> Option<HeaderValue> {
 
 /// Drops hop-by-hop headers, including any the `Connection` header names.
 fn strip_hop_by_hop(headers: &mut HeaderMap) {
-    // Most messages carry none of them: one pass over the names present is far cheaper than
-    // a hashed removal for each of the nine names.
-    if !headers.keys().any(|k| k == header::UPGRADE || HOP_BY_HOP.contains(k)) {
+    // Most requests carry none of them and most responses only `Connection: keep-alive`:
+    // find the few present in one pass over the names instead of a hashed removal for each
+    // of the nine (that was 6% of the proxy's instructions).
+    let is_hop = |k: &HeaderName| k == header::UPGRADE || HOP_BY_HOP.contains(k);
+    if !headers.keys().any(is_hop) {
         return;
     }
-    let named: Vec<HeaderName> = headers
+    let mut doomed: Vec<HeaderName> = headers
         .get_all(header::CONNECTION)
         .iter()
         .filter_map(|v| v.to_str().ok())
         .flat_map(|v| v.split(','))
         .filter_map(|t| HeaderName::from_bytes(t.trim().as_bytes()).ok())
         .collect();
-    for name in named {
+    doomed.extend(headers.keys().filter(|k| is_hop(k)).cloned());
+    for name in doomed {
         headers.remove(name);
     }
-    for name in HOP_BY_HOP {
-        headers.remove(name);
-    }
-    headers.remove(header::UPGRADE);
 }
 
 /// `X-Forwarded-For` gets the peer appended (an ALB in front already put the client first),

@@ -127,7 +127,9 @@ impl ConnPool {
                 },
             }
         }
-        let mut sender = connect(addr, timeouts.connect).await?;
+        // Boxed: connecting is the cold path, and its future is large; unboxed it would make
+        // every request's future (which hyper moves into a task per HTTP/2 stream) as large.
+        let mut sender = Box::pin(connect(addr, timeouts.connect)).await?;
         match sender.send_request(req).await {
             Ok(resp) => Ok(self.wrap(resp, sender, permit, upgrade)),
             Err(source) => Err(UpstreamError::Request { source }),
