@@ -29,12 +29,13 @@ use crate::acme;
 use crate::admin;
 use crate::config::Config;
 use crate::metrics::{Metrics, MetricsEndpoint};
-use crate::status::Live;
+use crate::reload;
 use crate::secrets;
-use crate::supervisor::{self, StatusBoard};
-use tokio::sync::watch;
 use crate::state;
+use crate::status::Live;
+use crate::supervisor::{self, StatusBoard};
 use crate::systemd;
+use tokio::sync::watch;
 
 pub fn main(config: Config, path: PathBuf) -> ExitCode {
     // rustls needs one process-wide crypto provider; aws-lc-rs is the one we build with.
@@ -98,7 +99,8 @@ async fn run(config: Config, path: PathBuf) -> anyhow::Result<()> {
     // Certificates: ACME orders and renewals (or file reloads) swap into `certs`; until then
     // the self-signed certificate serves.
     let acme = acme::spawn(acme::AcmeSetup::from_config(&config), certs.clone(), challenges.clone(), shutdown.clone());
-    let _ = live.acme.set(acme);
+    live.acme.store(Some(Arc::new(acme)));
+    tokio::spawn(reload::follow_tls(live.clone(), certs.clone(), challenges.clone(), shutdown.clone()));
     let drain = config.agent.drain_timeout.0;
     let http_server = tokio::spawn(server::serve(
         http_listener,
@@ -171,7 +173,7 @@ async fn run(config: Config, path: PathBuf) -> anyhow::Result<()> {
         tokio::select! {
             _ = sigterm.recv() => break "SIGTERM",
             _ = sigint.recv() => break "SIGINT",
-            _ = sighup.recv() => reload(&path, &live, &router),
+            _ = sighup.recv() => reload::reload(&path, &live, &router),
         }
     };
 
@@ -242,7 +244,7 @@ fn request_observer(config: &Config, metrics: &Metrics) -> Option<Arc<dyn berth_
 
 /// The config's routes as the proxy's table. Validation already rejected malformed and
 /// duplicate routes and a second catch-all app.
-fn route_table(config: &Config) -> RouteTable {
+pub(crate) fn route_table(config: &Config) -> RouteTable {
     let mut routes = Vec::new();
     let mut catch_all = None;
     for (name, app) in &config.apps {
@@ -262,88 +264,17 @@ fn route_table(config: &Config) -> RouteTable {
     RouteTable::new(routes, catch_all)
 }
 
-/// `systemctl reload berth`: re-read the config and apply what can change in place (apps,
-/// routes, access rules). An invalid file is rejected with its problems logged, and the
-/// running config stays. Listener, TLS and secrets-source changes need a restart; that is
-/// said, not silently ignored.
-fn reload(path: &std::path::Path, live: &Live, router: &Router) {
-    systemd::reloading();
-    let new = match Config::load(path) {
-        Ok(c) => c,
-        Err(e) => {
-            tracing::error!(error = %e, "reload rejected; the running config stays in force");
-            systemd::ready(&format!("reload rejected (config invalid); {}", live.status_line()));
-            return;
-        }
-    };
-    let old = live.config();
-    let mut needs_restart = Vec::new();
-    if new.agent != old.agent {
-        needs_restart.push("[agent]");
-    }
-    if new.aws != old.aws || new.secrets != old.secrets {
-        needs_restart.push("[aws]/[secrets]");
-    }
-    if new.http.listen != old.http.listen || new.http.health_path != old.http.health_path || new.https != old.https {
-        needs_restart.push("listeners");
-    }
-    if new.tls != old.tls {
-        needs_restart.push("[tls]");
-    }
-    router.set_routes(route_table(&new));
-    if let Some(secrets) = live.secrets.get() {
-        access::apply(&new, router, &secrets.current());
-    } else {
-        access::close_until_secrets(&new, router);
-    }
-    if let Some(supervisor) = live.supervisor.get() {
-        supervisor.apply(&new.apps);
-    }
-    let apps: Vec<&str> = new.apps.keys().map(String::as_str).collect();
-    live.set_config(new.clone());
-    if needs_restart.is_empty() {
-        tracing::info!(apps = apps.join(", "), "config reloaded");
-    } else {
-        tracing::warn!(apps = apps.join(", "), restart_needed_for = needs_restart.join(", "), "config reloaded; changes to these sections take effect after `systemctl restart berth`");
-    }
-    systemd::ready(&live.status_line());
-}
-
 /// Secrets, then Docker, then the app tasks. Never fails: every wait is retried with
 /// backoff and reported, and shutdown cancels it.
 async fn start_supervision(config: Config, router: Router, live: Arc<Live>, shutdown: CancellationToken) {
     let needs_aws = config.has_secrets()
         || config.apps.values().any(|a| matches!(a.registry_auth, crate::config::RegistryAuth::Basic { .. }));
     let sdk = if needs_aws { Some(crate::aws::sdk_config(&config.aws).await) } else { None };
-    let secrets_rx = if let (true, Some(sdk)) = (config.has_secrets(), &sdk) {
-        let source = secrets::SecretsSource::new(sdk, &config.secrets);
-        let first = source.fetch_with_retry(&secrets::RetryPolicy::DAEMON, |e, wait| {
-            live.set_waiting(Some(format!("waiting for SSM: {} (retry in {}s)", e.kind(), wait.as_secs())));
-        });
-        let initial = tokio::select! {
-            r = first => match r {
-                Ok(set) => set,
-                Err(e) => {
-                    // DAEMON policy retries forever; this is unreachable in practice.
-                    tracing::error!(error = %e, "fetching secrets failed");
-                    return;
-                }
-            },
-            _ = shutdown.cancelled() => return,
-        };
-        tracing::info!(count = initial.len(), "secrets fetched");
-        live.set_waiting(None);
-        let handle = secrets::spawn_refresh(source, config.secrets.refresh_interval.0, initial);
-        let rx = handle.subscribe();
-        let _ = live.secrets.set(handle);
-        rx
-    } else {
-        // No secrets configured: a set that never changes. The sender lives as long as
-        // the receivers need it.
-        let (tx, rx) = watch::channel(Arc::new(secrets::SecretSet::default()));
-        std::mem::forget(tx);
-        rx
-    };
+    let Some((secrets, fetched_with)) = first_secrets(&live, sdk.clone(), &shutdown).await else { return };
+    let secrets_rx = secrets.subscribe();
+    let _ = live.secrets.set(secrets.clone());
+    let (on_change, on_change_rx) = watch::channel(fetched_with.secrets.on_change);
+    tokio::spawn(reload::follow_secrets(live.clone(), secrets, fetched_with, on_change));
     tokio::spawn(access::keep_policies(live.clone(), router.clone(), secrets_rx.clone()));
     if config.apps.is_empty() {
         return;
@@ -357,7 +288,7 @@ async fn start_supervision(config: Config, router: Router, live: Arc<Live>, shut
         status: live.apps.clone(),
         shutdown,
         drain_timeout: config.agent.drain_timeout.0,
-        on_change: config.secrets.on_change,
+        on_change: on_change_rx,
         ssm: sdk.as_ref().map(aws_sdk_ssm::Client::new),
         hash_key: match state::hash_key(&config.agent.state_dir) {
             Ok(k) => k.into(),
@@ -369,8 +300,61 @@ async fn start_supervision(config: Config, router: Router, live: Arc<Live>, shut
             }
         },
     };
-    let supervisor = supervisor::start(shared, &config.apps, secrets_rx);
+    // The config may have been reloaded while we waited for SSM or Docker.
+    let apps = live.config().apps.clone();
+    let supervisor = supervisor::start(shared, &apps, secrets_rx);
     let _ = live.supervisor.set(supervisor);
+}
+
+/// The first set of secrets (the containers need them), retried until it arrives, and the
+/// config it was fetched for. A reload that changes the source while we wait restarts the
+/// fetch with the new one. Without `[secrets]`: an empty set a reload can fill. `None` on
+/// shutdown.
+async fn first_secrets(live: &Live, mut sdk: Option<aws_config::SdkConfig>, shutdown: &CancellationToken) -> Option<(secrets::SecretsHandle, Arc<Config>)> {
+    let mut changes = live.subscribe_config();
+    loop {
+        let config = changes.borrow_and_update().clone();
+        if !config.has_secrets() {
+            return Some((secrets::spawn_empty(), config));
+        }
+        let sdk = match sdk.take() {
+            Some(s) => s,
+            None => crate::aws::sdk_config(&config.aws).await,
+        };
+        let source = secrets::SecretsSource::new(&sdk, &config.secrets);
+        let first = source.fetch_with_retry(&secrets::RetryPolicy::DAEMON, |e, wait| {
+            live.set_waiting(Some(format!("waiting for SSM: {} (retry in {}s)", e.kind(), wait.as_secs())));
+        });
+        let reloaded = async {
+            loop {
+                if changes.changed().await.is_err() {
+                    return std::future::pending().await;
+                }
+                if !reload::same_secrets_source(&config, &changes.borrow()) {
+                    return;
+                }
+            }
+        };
+        let initial = tokio::select! {
+            r = first => match r {
+                Ok(set) => set,
+                Err(e) => {
+                    // DAEMON policy retries forever; this is unreachable in practice.
+                    tracing::error!(error = %e, "fetching secrets failed");
+                    return None;
+                }
+            },
+            () = reloaded => {
+                tracing::info!("the secrets source was reloaded while fetching; fetching from the new one");
+                continue;
+            }
+            _ = shutdown.cancelled() => return None,
+        };
+        tracing::info!(count = initial.len(), "secrets fetched");
+        live.set_waiting(None);
+        let handle = secrets::spawn_refresh(source, config.secrets.refresh_interval.0, initial);
+        return Some((handle, config));
+    }
 }
 
 /// Keeps the systemd status line current.

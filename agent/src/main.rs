@@ -12,6 +12,7 @@ mod daemon;
 mod logging;
 mod metrics;
 mod plan;
+mod reload;
 mod secrets;
 mod state;
 mod status;

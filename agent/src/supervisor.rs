@@ -169,7 +169,8 @@ pub struct Shared {
     pub status: StatusBoard,
     pub shutdown: CancellationToken,
     pub drain_timeout: Duration,
-    pub on_change: OnChange,
+    /// `secrets.on_change`, which a reload may change.
+    pub on_change: watch::Receiver<OnChange>,
     /// Keys the config-hash label (see `state::hash_key`).
     pub hash_key: Arc<[u8]>,
     /// For registry credentials kept in SSM (`registry_auth = { username, password }`).
@@ -410,7 +411,7 @@ impl AppTask {
                         secrets_open = false;
                         continue;
                     }
-                    if self.shared.on_change == OnChange::Redeploy && self.current.as_ref().is_some_and(|c| c.hash != self.desired_hash(None)) {
+                    if *self.shared.on_change.borrow() == OnChange::Redeploy && self.current.as_ref().is_some_and(|c| c.hash != self.desired_hash(None)) {
                         tracing::info!(app = %self.name, "secrets changed; rolling out");
                         if let Err(e) = self.rollout(None, false).await {
                             tracing::error!(app = %self.name, error = format!("{e:#}"), "rollout after a secrets change failed; the old container keeps serving");
