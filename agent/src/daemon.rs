@@ -2,7 +2,8 @@
 //!
 //! 1. listeners: from systemd socket activation, or bound from the config;
 //! 2. shared handles the proxy serves from (health, certificates, ACME challenges);
-//! 3. the `:80` and `:443` servers;
+//! 3. the `:80` and `:443` servers (`:443` accepts once app containers still running from
+//!    before a restart are routed again, so a restart answers no request with 503);
 //! 4. READY=1 and the watchdog;
 //! 5. wait for SIGTERM/SIGINT, then the stop sequence: health 503, `drain_delay` (so the
 //!    ALB notices), close the listeners, finish in-flight requests up to `drain_timeout`.
@@ -115,20 +116,34 @@ async fn run(config: Config, path: PathBuf) -> anyhow::Result<()> {
         shutdown.clone(),
         drain,
     ));
-    let https_server = tokio::spawn(server::serve(
-        https_listener,
-        Some(tls_config),
-        Limits::default(),
-        Arc::new(berth_proxy::https::Https {
-            health_path: config.http.health_path.clone(),
-            health: health.clone(),
-            router: router.clone(),
-            forwarder: Forwarder::new(ForwardLimits::default()),
-            observer: request_observer(&config, &metrics),
-        }),
-        shutdown.clone(),
-        drain,
-    ));
+    // After a restart the app container is still running, but routed only once supervision
+    // has found it again: until then `:443` does not accept (the kernel queues connections,
+    // in systemd's socket when activated), so they are served instead of answered 503.
+    // Bounded, for a first boot or a Docker that does not answer.
+    let routes_settled = CancellationToken::new();
+    let https_server = tokio::spawn({
+        let serve_https = server::serve(
+            https_listener,
+            Some(tls_config),
+            Limits::default(),
+            Arc::new(berth_proxy::https::Https {
+                health_path: config.http.health_path.clone(),
+                health: health.clone(),
+                router: router.clone(),
+                forwarder: Forwarder::new(ForwardLimits::default()),
+                observer: request_observer(&config, &metrics),
+            }),
+            shutdown.clone(),
+            drain,
+        );
+        let settled = routes_settled.clone();
+        async move {
+            if tokio::time::timeout(ROUTES_HOLD, settled.cancelled()).await.is_err() {
+                tracing::warn!(hold = ?ROUTES_HOLD, "running containers not found in time; serving :443 anyway");
+            }
+            serve_https.await
+        }
+    });
 
     let mut side_servers = Vec::new();
     if !config.agent.metrics_listen.is_empty() {
@@ -158,7 +173,7 @@ async fn run(config: Config, path: PathBuf) -> anyhow::Result<()> {
     // 4. Supervision: secrets first (the containers need them), then Docker, then one task
     //    per app. It runs in the background so that a slow SSM or Docker never holds up
     //    READY=1; it says what it waits for in the status line instead.
-    let boot = tokio::spawn(start_supervision(config.clone(), router.clone(), live.clone(), shutdown.clone()));
+    let boot = tokio::spawn(start_supervision(config.clone(), router.clone(), live.clone(), shutdown.clone(), routes_settled));
 
     // 5. Ready: listeners are up and supervision has started.
     systemd::ready(&live.status_line());
@@ -193,6 +208,9 @@ async fn run(config: Config, path: PathBuf) -> anyhow::Result<()> {
     tracing::info!("stopped");
     Ok(())
 }
+
+/// How long `:443` waits, at start, for running app containers to be routed.
+const ROUTES_HOLD: std::time::Duration = std::time::Duration::from_secs(3);
 
 /// Socket-activated listeners by name, else bind the configured addresses.
 fn listeners(config: &Config) -> anyhow::Result<(TcpListener, TcpListener)> {
@@ -266,20 +284,38 @@ pub(crate) fn route_table(config: &Config) -> RouteTable {
 
 /// Secrets, then Docker, then the app tasks. Never fails: every wait is retried with
 /// backoff and reported, and shutdown cancels it.
-async fn start_supervision(config: Config, router: Router, live: Arc<Live>, shutdown: CancellationToken) {
+///
+/// Docker is reached alongside SSM, not after it: running containers are routed
+/// provisionally (`supervisor::route_running`) as soon as Docker answers, then
+/// `routes_settled` lets `:443` accept.
+async fn start_supervision(config: Config, router: Router, live: Arc<Live>, shutdown: CancellationToken, routes_settled: CancellationToken) {
+    let docker_and_routes = async {
+        let docker = if config.apps.is_empty() {
+            None
+        } else {
+            supervisor::connect(&shutdown, |s| live.set_waiting(Some(s.to_string()))).await
+        };
+        if let Some(docker) = &docker {
+            supervisor::route_running(docker, &config.apps, &router).await;
+        }
+        routes_settled.cancel();
+        docker
+    };
     let needs_aws = config.has_secrets()
         || config.apps.values().any(|a| matches!(a.registry_auth, crate::config::RegistryAuth::Basic { .. }));
-    let sdk = if needs_aws { Some(crate::aws::sdk_config(&config.aws).await) } else { None };
-    let Some((secrets, fetched_with)) = first_secrets(&live, sdk.clone(), &shutdown).await else { return };
+    let secrets = async {
+        let sdk = if needs_aws { Some(crate::aws::sdk_config(&config.aws).await) } else { None };
+        let first = first_secrets(&live, sdk.clone(), &shutdown).await;
+        (first, sdk)
+    };
+    let ((first, sdk), docker) = tokio::join!(secrets, docker_and_routes);
+    let Some((secrets, fetched_with)) = first else { return };
     let secrets_rx = secrets.subscribe();
     let _ = live.secrets.set(secrets.clone());
     let (on_change, on_change_rx) = watch::channel(fetched_with.secrets.on_change);
     tokio::spawn(reload::follow_secrets(live.clone(), secrets, fetched_with, on_change));
     tokio::spawn(access::keep_policies(live.clone(), router.clone(), secrets_rx.clone()));
-    if config.apps.is_empty() {
-        return;
-    }
-    let Some(docker) = supervisor::connect(&shutdown, |s| live.set_waiting(Some(s.to_string()))).await else { return };
+    let Some(docker) = docker else { return };
     live.set_waiting(None);
     let shared = supervisor::Shared {
         docker,
