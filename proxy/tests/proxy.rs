@@ -1200,12 +1200,8 @@ async fn sigterm_lets_in_flight_requests_finish_and_refuses_new_connections() {
 struct Hello;
 
 impl berth_proxy::server::Handler for Hello {
-    fn handle(
-        &self,
-        _req: Request<Incoming>,
-        _conn: &berth_proxy::server::ConnInfo,
-    ) -> impl std::future::Future<Output = Response<berth_proxy::Body>> + Send {
-        async { berth_proxy::text_response(StatusCode::OK, "hello") }
+    async fn handle(&self, _req: Request<Incoming>, _conn: &berth_proxy::server::ConnInfo) -> Response<berth_proxy::Body> {
+        berth_proxy::text_response(StatusCode::OK, "hello")
     }
 }
 

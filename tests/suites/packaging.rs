@@ -43,11 +43,6 @@ use berth_tests::{free_port, wait_for, TestApp};
 const IMAGE: &str = "berth-test-systemd:v1";
 const UNITS: [&str; 3] = ["berth.service", "berth.socket", "berth-https.socket"];
 
-/// `systemctl restart berth` under load refuses no connection (socket activation) and fails
-/// no request: the new berth routes the running app container before `:443` accepts (it does
-/// not wait for SSM to check the container's config hash), and the old one answers the
-/// first request of every connection it accepted before closing its listeners.
-
 fn repo_root() -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR"))
         .parent()
@@ -1032,6 +1027,10 @@ start_period = "20s"
     );
     assert_eq!(sysd.sh("systemctl is-active berth"), "active");
 
+    // `systemctl restart berth` under load refuses no connection (socket activation) and fails
+    // no request: the new berth routes the running app container before `:443` accepts (it does
+    // not wait for SSM to check the container's config hash), and the old one answers the
+    // first request of every connection it accepted before closing its listeners.
     // --- restart and upgrade under load: sockets stay open, nothing is refused; the app stays.
     let (container, started_at) = app_container(&app);
     let stop_load = Arc::new(AtomicBool::new(false));
