@@ -134,7 +134,7 @@ async fn deploy(live: &Live, app: Option<String>, image: Option<String>) -> Resp
 }
 
 async fn renew(live: &Live, domain: Option<String>) -> Response {
-    let Some(acme) = live.acme.get() else {
+    let Some(acme) = live.acme() else {
         return Response::err("certificates are not managed yet");
     };
     match acme.renew_now(domain).await {

@@ -2,7 +2,8 @@
 //!
 //! 1. listeners: from systemd socket activation, or bound from the config;
 //! 2. shared handles the proxy serves from (health, certificates, ACME challenges);
-//! 3. the `:80` and `:443` servers;
+//! 3. the `:80` and `:443` servers (`:443` accepts once app containers still running from
+//!    before a restart are routed again, so a restart answers no request with 503);
 //! 4. READY=1 and the watchdog;
 //! 5. wait for SIGTERM/SIGINT, then the stop sequence: health 503, `drain_delay` (so the
 //!    ALB notices), close the listeners, finish in-flight requests up to `drain_timeout`.
@@ -29,12 +30,13 @@ use crate::acme;
 use crate::admin;
 use crate::config::Config;
 use crate::metrics::{Metrics, MetricsEndpoint};
-use crate::status::Live;
+use crate::reload;
 use crate::secrets;
-use crate::supervisor::{self, StatusBoard};
-use tokio::sync::watch;
 use crate::state;
+use crate::status::Live;
+use crate::supervisor::{self, StatusBoard};
 use crate::systemd;
+use tokio::sync::watch;
 
 pub fn main(config: Config, path: PathBuf) -> ExitCode {
     // rustls needs one process-wide crypto provider; aws-lc-rs is the one we build with.
@@ -98,7 +100,8 @@ async fn run(config: Config, path: PathBuf) -> anyhow::Result<()> {
     // Certificates: ACME orders and renewals (or file reloads) swap into `certs`; until then
     // the self-signed certificate serves.
     let acme = acme::spawn(acme::AcmeSetup::from_config(&config), certs.clone(), challenges.clone(), shutdown.clone());
-    let _ = live.acme.set(acme);
+    live.acme.store(Some(Arc::new(acme)));
+    tokio::spawn(reload::follow_tls(live.clone(), certs.clone(), challenges.clone(), shutdown.clone()));
     let drain = config.agent.drain_timeout.0;
     let http_server = tokio::spawn(server::serve(
         http_listener,
@@ -113,20 +116,34 @@ async fn run(config: Config, path: PathBuf) -> anyhow::Result<()> {
         shutdown.clone(),
         drain,
     ));
-    let https_server = tokio::spawn(server::serve(
-        https_listener,
-        Some(tls_config),
-        Limits::default(),
-        Arc::new(berth_proxy::https::Https {
-            health_path: config.http.health_path.clone(),
-            health: health.clone(),
-            router: router.clone(),
-            forwarder: Forwarder::new(ForwardLimits::default()),
-            observer: request_observer(&config, &metrics),
-        }),
-        shutdown.clone(),
-        drain,
-    ));
+    // After a restart the app container is still running, but routed only once supervision
+    // has found it again: until then `:443` does not accept (the kernel queues connections,
+    // in systemd's socket when activated), so they are served instead of answered 503.
+    // Bounded, for a first boot or a Docker that does not answer.
+    let routes_settled = CancellationToken::new();
+    let https_server = tokio::spawn({
+        let serve_https = server::serve(
+            https_listener,
+            Some(tls_config),
+            Limits::default(),
+            Arc::new(berth_proxy::https::Https {
+                health_path: config.http.health_path.clone(),
+                health: health.clone(),
+                router: router.clone(),
+                forwarder: Forwarder::new(ForwardLimits::default()),
+                observer: request_observer(&config, &metrics),
+            }),
+            shutdown.clone(),
+            drain,
+        );
+        let settled = routes_settled.clone();
+        async move {
+            if tokio::time::timeout(ROUTES_HOLD, settled.cancelled()).await.is_err() {
+                tracing::warn!(hold = ?ROUTES_HOLD, "running containers not found in time; serving :443 anyway");
+            }
+            serve_https.await
+        }
+    });
 
     let mut side_servers = Vec::new();
     if !config.agent.metrics_listen.is_empty() {
@@ -156,7 +173,7 @@ async fn run(config: Config, path: PathBuf) -> anyhow::Result<()> {
     // 4. Supervision: secrets first (the containers need them), then Docker, then one task
     //    per app. It runs in the background so that a slow SSM or Docker never holds up
     //    READY=1; it says what it waits for in the status line instead.
-    let boot = tokio::spawn(start_supervision(config.clone(), router.clone(), live.clone(), shutdown.clone()));
+    let boot = tokio::spawn(start_supervision(config.clone(), router.clone(), live.clone(), shutdown.clone(), routes_settled));
 
     // 5. Ready: listeners are up and supervision has started.
     systemd::ready(&live.status_line());
@@ -171,7 +188,7 @@ async fn run(config: Config, path: PathBuf) -> anyhow::Result<()> {
         tokio::select! {
             _ = sigterm.recv() => break "SIGTERM",
             _ = sigint.recv() => break "SIGINT",
-            _ = sighup.recv() => reload(&path, &live, &router),
+            _ = sighup.recv() => reload::reload(&path, &live, &router),
         }
     };
 
@@ -191,6 +208,9 @@ async fn run(config: Config, path: PathBuf) -> anyhow::Result<()> {
     tracing::info!("stopped");
     Ok(())
 }
+
+/// How long `:443` waits, at start, for running app containers to be routed.
+const ROUTES_HOLD: std::time::Duration = std::time::Duration::from_secs(3);
 
 /// Socket-activated listeners by name, else bind the configured addresses.
 fn listeners(config: &Config) -> anyhow::Result<(TcpListener, TcpListener)> {
@@ -242,7 +262,7 @@ fn request_observer(config: &Config, metrics: &Metrics) -> Option<Arc<dyn berth_
 
 /// The config's routes as the proxy's table. Validation already rejected malformed and
 /// duplicate routes and a second catch-all app.
-fn route_table(config: &Config) -> RouteTable {
+pub(crate) fn route_table(config: &Config) -> RouteTable {
     let mut routes = Vec::new();
     let mut catch_all = None;
     for (name, app) in &config.apps {
@@ -262,93 +282,40 @@ fn route_table(config: &Config) -> RouteTable {
     RouteTable::new(routes, catch_all)
 }
 
-/// `systemctl reload berth`: re-read the config and apply what can change in place (apps,
-/// routes, access rules). An invalid file is rejected with its problems logged, and the
-/// running config stays. Listener, TLS and secrets-source changes need a restart; that is
-/// said, not silently ignored.
-fn reload(path: &std::path::Path, live: &Live, router: &Router) {
-    systemd::reloading();
-    let new = match Config::load(path) {
-        Ok(c) => c,
-        Err(e) => {
-            tracing::error!(error = %e, "reload rejected; the running config stays in force");
-            systemd::ready(&format!("reload rejected (config invalid); {}", live.status_line()));
-            return;
-        }
-    };
-    let old = live.config();
-    let mut needs_restart = Vec::new();
-    if new.agent != old.agent {
-        needs_restart.push("[agent]");
-    }
-    if new.aws != old.aws || new.secrets != old.secrets {
-        needs_restart.push("[aws]/[secrets]");
-    }
-    if new.http.listen != old.http.listen || new.http.health_path != old.http.health_path || new.https != old.https {
-        needs_restart.push("listeners");
-    }
-    if new.tls != old.tls {
-        needs_restart.push("[tls]");
-    }
-    router.set_routes(route_table(&new));
-    if let Some(secrets) = live.secrets.get() {
-        access::apply(&new, router, &secrets.current());
-    } else {
-        access::close_until_secrets(&new, router);
-    }
-    if let Some(supervisor) = live.supervisor.get() {
-        supervisor.apply(&new.apps);
-    }
-    let apps: Vec<&str> = new.apps.keys().map(String::as_str).collect();
-    live.set_config(new.clone());
-    if needs_restart.is_empty() {
-        tracing::info!(apps = apps.join(", "), "config reloaded");
-    } else {
-        tracing::warn!(apps = apps.join(", "), restart_needed_for = needs_restart.join(", "), "config reloaded; changes to these sections take effect after `systemctl restart berth`");
-    }
-    systemd::ready(&live.status_line());
-}
-
 /// Secrets, then Docker, then the app tasks. Never fails: every wait is retried with
 /// backoff and reported, and shutdown cancels it.
-async fn start_supervision(config: Config, router: Router, live: Arc<Live>, shutdown: CancellationToken) {
+///
+/// Docker is reached alongside SSM, not after it: running containers are routed
+/// provisionally (`supervisor::route_running`) as soon as Docker answers, then
+/// `routes_settled` lets `:443` accept.
+async fn start_supervision(config: Config, router: Router, live: Arc<Live>, shutdown: CancellationToken, routes_settled: CancellationToken) {
+    let docker_and_routes = async {
+        let docker = if config.apps.is_empty() {
+            None
+        } else {
+            supervisor::connect(&shutdown, |s| live.set_waiting(Some(s.to_string()))).await
+        };
+        if let Some(docker) = &docker {
+            supervisor::route_running(docker, &config.apps, &router).await;
+        }
+        routes_settled.cancel();
+        docker
+    };
     let needs_aws = config.has_secrets()
         || config.apps.values().any(|a| matches!(a.registry_auth, crate::config::RegistryAuth::Basic { .. }));
-    let sdk = if needs_aws { Some(crate::aws::sdk_config(&config.aws).await) } else { None };
-    let secrets_rx = if let (true, Some(sdk)) = (config.has_secrets(), &sdk) {
-        let source = secrets::SecretsSource::new(sdk, &config.secrets);
-        let first = source.fetch_with_retry(&secrets::RetryPolicy::DAEMON, |e, wait| {
-            live.set_waiting(Some(format!("waiting for SSM: {} (retry in {}s)", e.kind(), wait.as_secs())));
-        });
-        let initial = tokio::select! {
-            r = first => match r {
-                Ok(set) => set,
-                Err(e) => {
-                    // DAEMON policy retries forever; this is unreachable in practice.
-                    tracing::error!(error = %e, "fetching secrets failed");
-                    return;
-                }
-            },
-            _ = shutdown.cancelled() => return,
-        };
-        tracing::info!(count = initial.len(), "secrets fetched");
-        live.set_waiting(None);
-        let handle = secrets::spawn_refresh(source, config.secrets.refresh_interval.0, initial);
-        let rx = handle.subscribe();
-        let _ = live.secrets.set(handle);
-        rx
-    } else {
-        // No secrets configured: a set that never changes. The sender lives as long as
-        // the receivers need it.
-        let (tx, rx) = watch::channel(Arc::new(secrets::SecretSet::default()));
-        std::mem::forget(tx);
-        rx
+    let secrets = async {
+        let sdk = if needs_aws { Some(crate::aws::sdk_config(&config.aws).await) } else { None };
+        let first = first_secrets(&live, sdk.clone(), &shutdown).await;
+        (first, sdk)
     };
+    let ((first, sdk), docker) = tokio::join!(secrets, docker_and_routes);
+    let Some((secrets, fetched_with)) = first else { return };
+    let secrets_rx = secrets.subscribe();
+    let _ = live.secrets.set(secrets.clone());
+    let (on_change, on_change_rx) = watch::channel(fetched_with.secrets.on_change);
+    tokio::spawn(reload::follow_secrets(live.clone(), secrets, fetched_with, on_change));
     tokio::spawn(access::keep_policies(live.clone(), router.clone(), secrets_rx.clone()));
-    if config.apps.is_empty() {
-        return;
-    }
-    let Some(docker) = supervisor::connect(&shutdown, |s| live.set_waiting(Some(s.to_string()))).await else { return };
+    let Some(docker) = docker else { return };
     live.set_waiting(None);
     let shared = supervisor::Shared {
         docker,
@@ -357,7 +324,7 @@ async fn start_supervision(config: Config, router: Router, live: Arc<Live>, shut
         status: live.apps.clone(),
         shutdown,
         drain_timeout: config.agent.drain_timeout.0,
-        on_change: config.secrets.on_change,
+        on_change: on_change_rx,
         ssm: sdk.as_ref().map(aws_sdk_ssm::Client::new),
         ecr: Arc::new(crate::ecr::EcrAuth::new(config.aws.clone(), sdk.clone())),
         hash_key: match state::hash_key(&config.agent.state_dir) {
@@ -370,8 +337,61 @@ async fn start_supervision(config: Config, router: Router, live: Arc<Live>, shut
             }
         },
     };
-    let supervisor = supervisor::start(shared, &config.apps, secrets_rx);
+    // The config may have been reloaded while we waited for SSM or Docker.
+    let apps = live.config().apps.clone();
+    let supervisor = supervisor::start(shared, &apps, secrets_rx);
     let _ = live.supervisor.set(supervisor);
+}
+
+/// The first set of secrets (the containers need them), retried until it arrives, and the
+/// config it was fetched for. A reload that changes the source while we wait restarts the
+/// fetch with the new one. Without `[secrets]`: an empty set a reload can fill. `None` on
+/// shutdown.
+async fn first_secrets(live: &Live, mut sdk: Option<aws_config::SdkConfig>, shutdown: &CancellationToken) -> Option<(secrets::SecretsHandle, Arc<Config>)> {
+    let mut changes = live.subscribe_config();
+    loop {
+        let config = changes.borrow_and_update().clone();
+        if !config.has_secrets() {
+            return Some((secrets::spawn_empty(), config));
+        }
+        let sdk = match sdk.take() {
+            Some(s) => s,
+            None => crate::aws::sdk_config(&config.aws).await,
+        };
+        let source = secrets::SecretsSource::new(&sdk, &config.secrets);
+        let first = source.fetch_with_retry(&secrets::RetryPolicy::DAEMON, |e, wait| {
+            live.set_waiting(Some(format!("waiting for SSM: {} (retry in {}s)", e.kind(), wait.as_secs())));
+        });
+        let reloaded = async {
+            loop {
+                if changes.changed().await.is_err() {
+                    return std::future::pending().await;
+                }
+                if !reload::same_secrets_source(&config, &changes.borrow()) {
+                    return;
+                }
+            }
+        };
+        let initial = tokio::select! {
+            r = first => match r {
+                Ok(set) => set,
+                Err(e) => {
+                    // DAEMON policy retries forever; this is unreachable in practice.
+                    tracing::error!(error = %e, "fetching secrets failed");
+                    return None;
+                }
+            },
+            () = reloaded => {
+                tracing::info!("the secrets source was reloaded while fetching; fetching from the new one");
+                continue;
+            }
+            _ = shutdown.cancelled() => return None,
+        };
+        tracing::info!(count = initial.len(), "secrets fetched");
+        live.set_waiting(None);
+        let handle = secrets::spawn_refresh(source, config.secrets.refresh_interval.0, initial);
+        return Some((handle, config));
+    }
 }
 
 /// Keeps the systemd status line current.

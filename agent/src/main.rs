@@ -13,6 +13,7 @@ mod ecr;
 mod logging;
 mod metrics;
 mod plan;
+mod reload;
 mod secrets;
 mod state;
 mod status;

@@ -171,14 +171,14 @@ impl Collector for StateCollector {
             ConstCounter::new(n).encode(m.encode_family(&[("app", name.as_str())])?)?;
         }
 
-        if let Some(h) = self.live.secrets.get() {
+        if let Some(h) = self.live.secrets.get().filter(|_| config.has_secrets()) {
             let s = h.status();
             let mut m = encoder.encode_descriptor("berth_secrets_refresh", "Secrets fetches from SSM, by result", None, c.metric_type())?;
             ConstCounter::new(s.refresh_ok).encode(m.encode_family(&[("result", "ok")])?)?;
             ConstCounter::new(s.refresh_error).encode(m.encode_family(&[("result", "error")])?)?;
         }
 
-        if let Some(acme) = self.live.acme.get() {
+        if let Some(acme) = self.live.acme() {
             let s = acme.status();
             let mut m = encoder.encode_descriptor("berth_acme_orders", "ACME orders placed by this instance, by result", None, c.metric_type())?;
             ConstCounter::new(s.orders_ok).encode(m.encode_family(&[("result", "ok")])?)?;

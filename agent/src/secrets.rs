@@ -837,7 +837,16 @@ pub struct SecretsStatus {
 pub struct SecretsHandle {
     secrets: watch::Receiver<Arc<SecretSet>>,
     status: watch::Receiver<SecretsStatus>,
-    task: Option<tokio::task::AbortHandle>,
+    /// What the loop reads and how often; a reload sends new settings.
+    control: Arc<watch::Sender<Settings>>,
+    task: tokio::task::AbortHandle,
+}
+
+/// The refresh loop's source and timing. No source: nothing is configured, the set is empty.
+#[derive(Clone)]
+struct Settings {
+    source: Option<SecretsSource>,
+    timing: RefreshTiming,
 }
 
 impl SecretsHandle {
@@ -861,12 +870,22 @@ impl SecretsHandle {
         self.status.clone()
     }
 
+    /// A reload changed what is read (`path`, `parameters`, `[aws]`) or how often: the loop
+    /// switches to `source` and fetches at once. The set it publishes replaces the current
+    /// one only if it differs, exactly as a refresh would (so the supervisor's `on_change`
+    /// applies); if the fetch fails, the last good set stays and the loop retries with
+    /// backoff. `None`: no secrets any more, the set becomes empty.
+    pub fn reconfigure(&self, source: Option<SecretsSource>, interval: Duration) {
+        self.control.send_modify(|s| {
+            s.source = source;
+            s.timing.interval = interval;
+        });
+    }
+
     /// Stops refreshing; the current set stays readable. The loop otherwise runs until the
     /// runtime shuts down.
     pub fn stop(&self) {
-        if let Some(task) = &self.task {
-            task.abort();
-        }
+        self.task.abort();
     }
 }
 
@@ -888,61 +907,131 @@ impl RefreshTiming {
             max_backoff: Duration::from_secs(60),
         }
     }
+
+    /// Capped at `interval` when refreshing; a one-off fetch after a reload
+    /// (`interval = 0`) that fails is retried at the plain backoff.
+    fn backoff_cap(&self) -> Duration {
+        if self.interval.is_zero() {
+            self.max_backoff
+        } else {
+            self.max_backoff.min(self.interval)
+        }
+    }
+
+    fn backoff(&self) -> Backoff {
+        let max = self.backoff_cap();
+        Backoff::new(self.initial_backoff.min(max), max)
+    }
 }
 
 /// Starts refreshing `initial` (the set the daemon fetched at boot) every `interval`.
-/// `interval == 0` means fetch once: the set never changes. The loop runs until
-/// [`SecretsHandle::stop`] or the runtime's shutdown; dropping receivers does not stop it.
+/// `interval == 0` means fetch once: the set never changes, until a reload gives a new
+/// source. The loop runs until [`SecretsHandle::stop`] or the runtime's shutdown; dropping
+/// receivers does not stop it.
 pub fn spawn_refresh(source: SecretsSource, interval: Duration, initial: SecretSet) -> SecretsHandle {
     spawn_refresh_with(source, RefreshTiming::new(interval), initial)
 }
 
 pub fn spawn_refresh_with(source: SecretsSource, timing: RefreshTiming, initial: SecretSet) -> SecretsHandle {
+    spawn_loop(Some(source), timing, initial)
+}
+
+/// No `[secrets]` configured: an empty set that a reload can fill (see
+/// [`SecretsHandle::reconfigure`]).
+pub fn spawn_empty() -> SecretsHandle {
+    spawn_loop(None, RefreshTiming::new(Duration::ZERO), SecretSet::default())
+}
+
+fn spawn_loop(source: Option<SecretsSource>, timing: RefreshTiming, initial: SecretSet) -> SecretsHandle {
     let now = SystemTime::now();
-    let enabled = !timing.interval.is_zero();
     let status = SecretsStatus {
-        source: source.describe(),
+        source: describe(source.as_ref()),
         count: initial.len(),
         last_success: now,
         last_error: None,
         last_error_kind: None,
         consecutive_failures: 0,
-        next_refresh: enabled.then(|| now + timing.interval),
-        refresh_ok: 1,
+        next_refresh: (source.is_some() && !timing.interval.is_zero()).then(|| now + timing.interval),
+        refresh_ok: u64::from(source.is_some()),
         refresh_error: 0,
         changes: 0,
     };
     let (set_tx, set_rx) = watch::channel(Arc::new(initial));
     let (status_tx, status_rx) = watch::channel(status);
-    let task = enabled.then(|| tokio::spawn(refresh_loop(source, timing, set_tx, status_tx)).abort_handle());
+    let (control_tx, control_rx) = watch::channel(Settings { source, timing });
+    let task = tokio::spawn(refresh_loop(control_rx, set_tx, status_tx)).abort_handle();
     SecretsHandle {
         secrets: set_rx,
         status: status_rx,
+        control: Arc::new(control_tx),
         task,
     }
 }
 
+fn describe(source: Option<&SecretsSource>) -> String {
+    source.map_or_else(|| "no secrets configured".to_string(), SecretsSource::describe)
+}
+
+/// `None`: no refresh is due (refreshing is off, or there is nothing to read).
+fn next_wait(settings: &Settings) -> Option<Duration> {
+    (settings.source.is_some() && !settings.timing.interval.is_zero()).then(|| interval_jitter(settings.timing.interval))
+}
+
+async fn sleep_for(wait: Option<Duration>) {
+    match wait {
+        Some(w) => tokio::time::sleep(w).await,
+        None => std::future::pending().await,
+    }
+}
+
 async fn refresh_loop(
-    source: SecretsSource,
-    timing: RefreshTiming,
+    mut control: watch::Receiver<Settings>,
     set_tx: watch::Sender<Arc<SecretSet>>,
     status_tx: watch::Sender<SecretsStatus>,
 ) {
-    let max_backoff = timing.max_backoff.min(timing.interval);
-    let mut backoff = Backoff::new(timing.initial_backoff.min(max_backoff), max_backoff);
+    let mut settings = control.borrow_and_update().clone();
+    let mut backoff = settings.timing.backoff();
     let mut digest = set_tx.borrow().digest();
-    let mut wait = interval_jitter(timing.interval);
+    let mut wait = next_wait(&settings);
     loop {
         // Runs for the daemon's lifetime even when nobody holds a receiver of the set (no
         // apps, say): the status and the metrics still report the refreshes.
-        tokio::time::sleep(wait).await;
+        tokio::select! {
+            _ = sleep_for(wait) => {}
+            // All handles gone: nobody can reconfigure; the branch is then disabled.
+            Ok(()) = control.changed() => {
+                settings = control.borrow_and_update().clone();
+                backoff = settings.timing.backoff();
+                let source = describe(settings.source.as_ref());
+                tracing::info!(source = %source, interval = ?settings.timing.interval, "secrets source reloaded; fetching now");
+                status_tx.send_modify(|s| s.source = source);
+                if settings.source.is_none() {
+                    let empty = SecretSet::default();
+                    if empty.digest() != digest {
+                        digest = empty.digest();
+                        status_tx.send_modify(|s| {
+                            s.count = 0;
+                            s.next_refresh = None;
+                            s.changes += 1;
+                        });
+                        set_tx.send_replace(Arc::new(empty));
+                    }
+                    wait = None;
+                    continue;
+                }
+            }
+        }
+        let Some(source) = &settings.source else {
+            wait = None;
+            continue;
+        };
         let start = Instant::now();
         let result = source.fetch().await;
         let elapsed_ms = start.elapsed().as_millis() as u64;
         match result {
             Ok(set) => {
                 backoff.reset();
-                wait = interval_jitter(timing.interval);
+                wait = next_wait(&settings);
                 let new_digest = set.digest();
                 let changed = new_digest != digest;
                 if changed {
@@ -966,7 +1055,7 @@ async fn refresh_loop(
                     s.last_error = None;
                     s.last_error_kind = None;
                     s.consecutive_failures = 0;
-                    s.next_refresh = Some(SystemTime::now() + wait);
+                    s.next_refresh = wait.map(|w| SystemTime::now() + w);
                     s.refresh_ok += 1;
                     s.changes += u64::from(changed);
                 });
@@ -977,16 +1066,17 @@ async fn refresh_loop(
             }
             Err(err) => {
                 let failures = status_tx.borrow().consecutive_failures + 1;
-                wait = if err.is_retryable() {
+                let retry = if err.is_retryable() {
                     backoff.next_delay()
                 } else {
-                    at_cap(max_backoff)
+                    at_cap(settings.timing.backoff_cap())
                 };
+                wait = Some(retry);
                 tracing::warn!(
                     error = %err,
                     kind = err.kind(),
                     failures,
-                    retry_in_ms = wait.as_millis() as u64,
+                    retry_in_ms = retry.as_millis() as u64,
                     elapsed_ms,
                     "secrets refresh failed; keeping the last good set"
                 );
@@ -995,7 +1085,7 @@ async fn refresh_loop(
                     s.last_error = Some(message);
                     s.last_error_kind = Some(err.kind());
                     s.consecutive_failures = failures;
-                    s.next_refresh = Some(SystemTime::now() + wait);
+                    s.next_refresh = Some(SystemTime::now() + retry);
                     s.refresh_error += 1;
                 });
             }

@@ -9,22 +9,25 @@ use std::sync::Arc;
 use std::sync::OnceLock;
 use std::time::{Instant, SystemTime, UNIX_EPOCH};
 
-use arc_swap::ArcSwap;
+use arc_swap::ArcSwapOption;
 use berth_proxy::health::Health;
 use serde::Serialize;
+use tokio::sync::watch;
 
 use crate::config::Config;
 use crate::secrets::SecretsHandle;
 use crate::supervisor::{AppStatus, StatusBoard, Supervisor};
 
 pub struct Live {
-    /// The config in force; swapped by a reload.
-    config: ArcSwap<Config>,
+    /// The config in force; replaced by a reload. A watch, so the parts a reload changes
+    /// in place (certificates, the secrets source) can follow it.
+    config: watch::Sender<Arc<Config>>,
     pub health: Health,
     pub apps: StatusBoard,
     pub secrets: OnceLock<SecretsHandle>,
     pub supervisor: OnceLock<Arc<Supervisor>>,
-    pub acme: OnceLock<crate::acme::AcmeHandle>,
+    /// The certificate task; a reload of `[tls]` may replace it.
+    pub acme: ArcSwapOption<crate::acme::AcmeHandle>,
     /// What supervision is waiting for, when it is (e.g. "waiting for SSM: throttled").
     pub waiting: std::sync::Mutex<Option<String>>,
     pub started: Instant,
@@ -33,23 +36,33 @@ pub struct Live {
 impl Live {
     pub fn new(config: Config, health: Health, apps: StatusBoard) -> Self {
         Live {
-            config: ArcSwap::from_pointee(config),
+            config: watch::Sender::new(Arc::new(config)),
             health,
             apps,
             secrets: OnceLock::new(),
             supervisor: OnceLock::new(),
-            acme: OnceLock::new(),
+            acme: ArcSwapOption::empty(),
             waiting: Default::default(),
             started: Instant::now(),
         }
     }
 
     pub fn config(&self) -> Arc<Config> {
-        self.config.load_full()
+        self.config.borrow().clone()
     }
 
     pub fn set_config(&self, config: Config) {
-        self.config.store(Arc::new(config));
+        self.config.send_replace(Arc::new(config));
+    }
+
+    /// Fires after every accepted reload.
+    pub fn subscribe_config(&self) -> watch::Receiver<Arc<Config>> {
+        self.config.subscribe()
+    }
+
+    /// The certificate task's handle, once started.
+    pub fn acme(&self) -> Option<Arc<crate::acme::AcmeHandle>> {
+        self.acme.load_full()
     }
 
     pub fn set_waiting(&self, what: Option<String>) {
@@ -78,7 +91,8 @@ impl Live {
                 )
             })
             .collect();
-        let secrets = self.secrets.get().map(|h| {
+        // The handle exists (empty) also without `[secrets]`, so a reload can add them.
+        let secrets = self.secrets.get().filter(|_| config.has_secrets()).map(|h| {
             let s = h.status();
             SecretsReport {
                 source: s.source,
@@ -98,7 +112,7 @@ impl Live {
             waiting_for: self.waiting.lock().unwrap().clone().or_else(|| self.docker_problem()),
             apps,
             secrets,
-            tls: self.acme.get().and_then(|a| serde_json::to_value(a.status()).ok()),
+            tls: self.acme().and_then(|a| serde_json::to_value(a.status()).ok()),
             tls_mode: config.tls.mode.to_string(),
             domains: config.tls.domains.clone(),
         }
@@ -138,7 +152,7 @@ impl Live {
             .collect();
         let verb = if unhealthy.is_empty() { "serving" } else { "waiting:" };
         let mut line = format!("{}{verb} {}", docker.unwrap_or_default(), parts.join(", "));
-        if let Some(tls) = self.acme.get().and_then(|a| a.status_line()) {
+        if let Some(tls) = self.acme().and_then(|a| a.status_line()) {
             line.push_str(&format!("; {tls}"));
         } else if let Some(cert) = self.cert_summary() {
             line.push_str(&format!(", {cert}"));
@@ -153,7 +167,7 @@ impl Live {
 
     /// `cert api.example.com valid 61d`, once an ACME or file certificate serves.
     fn cert_summary(&self) -> Option<String> {
-        let status = self.acme.get()?.status();
+        let status = self.acme()?.status();
         let cert = status.certificate?;
         let days = cert.info.not_after.duration_since(SystemTime::now()).ok()?.as_secs() / 86400;
         Some(format!("cert {} valid {days}d", cert.info.names.first()?))

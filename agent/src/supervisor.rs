@@ -177,7 +177,8 @@ pub struct Shared {
     pub status: StatusBoard,
     pub shutdown: CancellationToken,
     pub drain_timeout: Duration,
-    pub on_change: OnChange,
+    /// `secrets.on_change`, which a reload may change.
+    pub on_change: watch::Receiver<OnChange>,
     /// Keys the config-hash label (see `state::hash_key`).
     pub hash_key: Arc<[u8]>,
     /// For registry credentials kept in SSM (`registry_auth = { username, password }`).
@@ -227,6 +228,42 @@ pub async fn online_check() -> anyhow::Result<String> {
         v.version.unwrap_or_default(),
         v.api_version.unwrap_or_default()
     ))
+}
+
+/// At start, before the secrets are fetched (which the config hash needs): routes each app
+/// to a running container labelled for it whose published port answers its health probe.
+/// After `systemctl restart berth` that is the container the new process is about to adopt;
+/// routing to it at once closes the gap in which requests would get 503. Provisional: the
+/// app's task then adopts it (same config hash), or rolls out its replacement while it keeps
+/// serving, or takes the route away if it turns out unhealthy.
+pub async fn route_running(docker: &Docker, apps: &BTreeMap<String, AppConfig>, router: &Router) {
+    let probe = Probe::new();
+    for (name, config) in apps {
+        let Ok(list) = docker
+            .list_containers(Some(ListContainersOptions {
+                filters: Some(HashMap::from([("label".to_string(), vec![format!("{LABEL_APP}={name}")])])),
+                ..Default::default()
+            }))
+            .await
+        else {
+            continue;
+        };
+        // The same choice adoption makes: the first running one with the port published.
+        for c in list {
+            let id = c.id.unwrap_or_default();
+            let Ok(info) = docker.inspect_container(&id, None::<InspectContainerOptions>).await else { continue };
+            let Some(addr) = published_addr(&info, config.port) else { continue };
+            let healthy = match &config.health.path {
+                Some(path) => probe.get(addr, path, config.health.timeout.0.min(Duration::from_secs(1))).await,
+                None => true,
+            };
+            if healthy {
+                tracing::info!(app = %name, container_id = %short(&id), "routing to the running container until supervision confirms it");
+                router.set_backend(name, Some(addr));
+            }
+            break;
+        }
+    }
 }
 
 /// Starts one task per app plus the Docker events watcher.
@@ -492,7 +529,7 @@ impl AppTask {
                         secrets_open = false;
                         continue;
                     }
-                    if self.shared.on_change == OnChange::Redeploy && self.current.as_ref().is_some_and(|c| c.hash != self.desired_hash(None)) {
+                    if *self.shared.on_change.borrow() == OnChange::Redeploy && self.current.as_ref().is_some_and(|c| c.hash != self.desired_hash(None)) {
                         tracing::info!(app = %self.name, "secrets changed; rolling out");
                         if let Err(e) = self.rollout(None, false).await {
                             tracing::error!(app = %self.name, error = format!("{e:#}"), "rollout after a secrets change failed; the old container keeps serving");
@@ -583,9 +620,12 @@ impl AppTask {
         }
         match self.current.clone() {
             Some(c) if c.hash == want => {
-                // Adopted: route to it as soon as it proves healthy.
+                // Adopted: route to it as soon as it proves healthy (it may already be, by
+                // `route_running`; then take that route back if it is not).
                 if self.wait_healthy(c.addr, &c.id).await {
                     self.serve_from(c.addr);
+                } else {
+                    self.shared.router.set_backend(&self.name, None);
                 }
                 Ok(())
             }

@@ -40,6 +40,10 @@ pub struct Limits {
     pub max_connections: usize,
     /// HTTP/2 PING interval; a peer that stops answering is disconnected.
     pub h2_keep_alive: Duration,
+    /// On stop, how long a connection accepted just before, which has not sent its first
+    /// request yet, still waits for it. The client connected while we were accepting and
+    /// its request is on the way; closing would fail it (an empty reply or a reset).
+    pub first_request_grace: Duration,
 }
 
 impl Default for Limits {
@@ -50,6 +54,7 @@ impl Default for Limits {
             max_header_bytes: 64 * 1024,
             max_connections: 10_000,
             h2_keep_alive: Duration::from_secs(30),
+            first_request_grace: Duration::from_secs(1),
         }
     }
 }
@@ -129,30 +134,35 @@ pub async fn serve<H: Handler>(
         let shutdown = shutdown.clone();
         let handshake_timeout = limits.handshake_timeout;
         let header_read_timeout = limits.header_read_timeout;
+        let first_request_grace = limits.first_request_grace;
         tasks.spawn(async move {
             let _permit = permit;
+            // Set when the first request's head has arrived (see the stop below).
+            let first_request = Arc::new(tokio::sync::Notify::new());
             let service = {
                 let conn = conn.clone();
+                let first_request = first_request.clone();
                 hyper::service::service_fn(move |req| {
+                    // Stores a permit: a stop that looks later finds it.
+                    first_request.notify_one();
                     let handler = handler.clone();
                     let conn = conn.clone();
                     async move { Ok::<_, std::convert::Infallible>(handler.handle(req, &conn).await) }
                 })
             };
+            // The handshake is not cut short by a stop: it is bounded by its own timeout,
+            // and the client is about to send a request we will answer.
             let io = match acceptor {
-                Some(acceptor) => tokio::select! {
-                    r = tokio::time::timeout(handshake_timeout, acceptor.accept(stream)) => match r {
-                        Ok(Ok(s)) => Either::Right(s),
-                        Ok(Err(e)) => {
-                            tracing::debug!(%peer, error = %e, "TLS handshake failed");
-                            return;
-                        }
-                        Err(_) => {
-                            tracing::debug!(%peer, "TLS handshake timed out");
-                            return;
-                        }
-                    },
-                    _ = shutdown.cancelled() => return,
+                Some(acceptor) => match tokio::time::timeout(handshake_timeout, acceptor.accept(stream)).await {
+                    Ok(Ok(s)) => Either::Right(s),
+                    Ok(Err(e)) => {
+                        tracing::debug!(%peer, error = %e, "TLS handshake failed");
+                        return;
+                    }
+                    Err(_) => {
+                        tracing::debug!(%peer, "TLS handshake timed out");
+                        return;
+                    }
                 },
                 None => Either::Left(stream),
             };
@@ -160,12 +170,26 @@ pub async fn serve<H: Handler>(
             let conn = builder.serve_connection_with_upgrades(TokioIo::new(io), service);
             tokio::pin!(conn);
             // On shutdown, ask the connection to finish in-flight requests (HTTP/1.1 closes
-            // after the current response, HTTP/2 sends GOAWAY) and wait for that.
+            // after the current response, HTTP/2 sends GOAWAY) and wait for that. A
+            // connection that has not delivered its first request yet gets a short grace
+            // for it first: asked to stop before that, hyper closes it unanswered (the
+            // client connected in the moment before the stop and sees its request fail).
             let result = tokio::select! {
                 r = conn.as_mut() => r,
                 _ = shutdown.cancelled() => {
-                    conn.as_mut().graceful_shutdown();
-                    conn.await
+                    let grace = tokio::time::sleep(first_request_grace);
+                    let finished = tokio::select! {
+                        r = conn.as_mut() => Some(r),
+                        _ = first_request.notified() => None,
+                        _ = grace => None,
+                    };
+                    match finished {
+                        Some(r) => r,
+                        None => {
+                            conn.as_mut().graceful_shutdown();
+                            conn.await
+                        }
+                    }
                 }
             };
             if let Err(e) = result {

@@ -73,6 +73,16 @@ impl CertStore {
         });
     }
 
+    /// Drops the certificates of names not in `names` (a reload removed them from the
+    /// config). The default certificate stays.
+    pub fn retain(&self, names: &[String]) {
+        let keep: Vec<String> = names.iter().map(|n| n.to_ascii_lowercase()).collect();
+        self.current.rcu(|old| CertSet {
+            by_name: old.by_name.iter().filter(|(n, _)| keep.contains(n)).map(|(n, c)| (n.clone(), c.clone())).collect(),
+            default: old.default.clone(),
+        });
+    }
+
     /// The certificate a client asking for `sni` would get.
     pub fn lookup(&self, sni: Option<&str>) -> Option<Arc<CertifiedKey>> {
         let set = self.current.load();
@@ -176,6 +186,20 @@ mod tests {
         assert!(Arc::ptr_eq(&store.lookup(Some("A.example.com")).unwrap(), &a));
         assert!(Arc::ptr_eq(&store.lookup(Some("b.example.com")).unwrap(), &w));
         assert!(Arc::ptr_eq(&store.lookup(None).unwrap(), &w));
+    }
+
+    #[test]
+    fn retain_drops_other_names_only() {
+        let store = CertStore::new();
+        let a = self_signed(&["a.test".into()]).unwrap().key;
+        let b = self_signed(&["b.test".into()]).unwrap().key;
+        store.install(&["a.test".into()], a.clone());
+        store.install(&["b.test".into()], b.clone());
+        store.retain(&["A.test".into()]);
+        assert!(Arc::ptr_eq(&store.lookup(Some("a.test")).unwrap(), &a));
+        // b.test now gets the default (the last installed), not its own entry.
+        assert!(Arc::ptr_eq(&store.lookup(Some("b.test")).unwrap(), &b));
+        assert!(!store.current.load().by_name.contains_key("b.test"));
     }
 
     #[test]

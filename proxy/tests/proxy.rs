@@ -1262,3 +1262,84 @@ fn a_connection_the_app_closed_while_idle_fails_no_request() {
     assert_eq!(statuses.len(), n, "responses: {statuses:?}");
     assert!(statuses.iter().all(|l| l.contains(" 200")), "not all 200: {statuses:?}");
 }
+
+// ---------------------------------------------------------------------------------------
+// Stop: a connection accepted just before the listener closes
+// ---------------------------------------------------------------------------------------
+
+struct Hello;
+
+impl berth_proxy::server::Handler for Hello {
+    async fn handle(&self, _req: Request<Incoming>, _conn: &berth_proxy::server::ConnInfo) -> Response<berth_proxy::Body> {
+        berth_proxy::text_response(StatusCode::OK, "hello")
+    }
+}
+
+/// A connection the server accepted, whose request (or TLS handshake) arrives only after the
+/// stop began: what a client sees when it connected in the moment before `systemctl
+/// restart`. It must get its answer, not a reset. One plain, one TLS (h1 and h2).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_connection_accepted_just_before_the_stop_is_served() {
+    use berth_proxy::server::{serve, Limits};
+    use tokio_util::sync::CancellationToken;
+
+    let self_signed = berth_proxy::tls::self_signed(&[DOMAIN.to_string()]).unwrap();
+    let store = berth_proxy::tls::CertStore::new();
+    store.install(&[DOMAIN.to_string()], self_signed.key.clone());
+    let mut roots = RootCertStore::empty();
+    roots.add(CertificateDer::from_pem_slice(self_signed.cert_pem.as_bytes()).unwrap()).unwrap();
+
+    for (tls, alpn) in [(false, None), (true, Some(&b"http/1.1"[..])), (true, Some(&b"h2"[..]))] {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        let shutdown = CancellationToken::new();
+        let server_tls = tls.then(|| store.server_config().unwrap());
+        let server = tokio::spawn(serve(listener, server_tls, Limits::default(), Arc::new(Hello), shutdown.clone(), Duration::from_secs(5)));
+        let tcp = TcpStream::connect(addr).await.unwrap();
+        // Give the accept loop (idle otherwise) time to take the connection, then stop
+        // before the client has said anything.
+        tokio::time::sleep(Duration::from_millis(200)).await;
+        shutdown.cancel();
+        tokio::time::sleep(Duration::from_millis(50)).await;
+        let what = format!("tls={tls} alpn={:?}", alpn.map(String::from_utf8_lossy));
+        let status = match alpn {
+            None => {
+                let mut tcp = tcp;
+                tcp.write_all(b"GET / HTTP/1.1\r\nHost: app.test\r\n\r\n").await.unwrap();
+                // The server answers, then closes (read_to_end returns): a stopping
+                // server keeps no connection alive.
+                let mut answer = Vec::new();
+                let _ = tokio::time::timeout(Duration::from_secs(5), tcp.read_to_end(&mut answer)).await.expect("closed after the answer");
+                let text = String::from_utf8_lossy(&answer).to_string();
+                text.split_whitespace().nth(1).and_then(|c| c.parse::<u16>().ok())
+            }
+            Some(proto) => {
+                let mut cfg = ClientConfig::builder_with_provider(provider())
+                    .with_safe_default_protocol_versions()
+                    .unwrap()
+                    .with_root_certificates(roots.clone())
+                    .with_no_client_auth();
+                cfg.alpn_protocols = vec![proto.to_vec()];
+                let name = ServerName::try_from(DOMAIN).unwrap().to_owned();
+                let stream = TlsConnector::from(Arc::new(cfg))
+                    .connect(name, tcp)
+                    .await
+                    .unwrap_or_else(|e| panic!("{what}: handshake: {e}"));
+                let io = TokioIo::new(stream);
+                let req = Request::get(format!("https://{DOMAIN}/")).body(Empty::<Bytes>::new()).unwrap();
+                let resp = if proto == b"h2" {
+                    let (mut send, conn) = hyper::client::conn::http2::handshake(TokioExecutor::new(), io).await.unwrap();
+                    tokio::spawn(conn);
+                    send.send_request(req).await
+                } else {
+                    let (mut send, conn) = hyper::client::conn::http1::handshake(io).await.unwrap();
+                    tokio::spawn(conn);
+                    send.send_request(req).await
+                };
+                resp.map(|r| r.status().as_u16()).map_err(|e| eprintln!("{what}: {e}")).ok()
+            }
+        };
+        assert_eq!(status, Some(200), "{what}: the request on a connection accepted before the stop must be answered");
+        tokio::time::timeout(Duration::from_secs(10), server).await.expect("the server drains").unwrap();
+    }
+}

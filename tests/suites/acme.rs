@@ -18,7 +18,7 @@ use std::sync::{Mutex, MutexGuard};
 use std::time::{Duration, Instant};
 
 use berth_tests::moto::{aws_env, moto_url, unique_prefix, REGION};
-use berth_tests::{config_toml, curl, free_port, load, wait_for, Berth, Ports, TestDir};
+use berth_tests::{config_toml, curl, env, free_port, load, wait_for, Berth, Ports, TestApp, TestDir};
 
 /// pebble-challtestsrv's DNS, started by `scripts/testenv up`.
 const TEST_DNS: &str = "127.0.0.1:8053";
@@ -546,4 +546,70 @@ fn a_fleet_orders_one_certificate_and_every_instance_serves_it() {
     for b in &mut fleet {
         stop(b);
     }
+}
+
+/// `systemctl reload` with another domain: the new name gets a self-signed certificate at
+/// once and a certificate from the CA moments later, with no restart of berth or the app;
+/// `berth status` shows it. A reload that leaves the names alone orders nothing.
+#[test]
+fn reload_with_a_new_domain_orders_for_it_without_restarting_the_app() {
+    let _one = one_at_a_time();
+    let ports = Ports::pick();
+    let Some(mut pebble) = Pebble::configure(ports.http, None, Some(0)) else { return };
+    pebble.start();
+    let dir = TestDir::new();
+    let app = TestApp::new("acme-reload");
+    let app_toml = format!(
+        "[apps.{name}]\nimage = \"{image}\"\nport = 8080\npull = \"never\"\nstop_timeout = \"2s\"\n[apps.{name}.health]\npath = \"/health\"\ninterval = \"500ms\"\n",
+        name = app.name,
+        image = env("BERTH_TEST_APP_IMAGE"),
+    );
+    let (a, b) = ("a.reload.berth.test", "b.reload.berth.test");
+    let mut berth = start_berth(&dir, ports, &format!("{}\n{app_toml}", pebble.tls_toml(&[a], "")));
+    let root = pebble.root_file();
+    wait_for("the first certificate (and a healthy app)", Duration::from_secs(40), || {
+        verifies(ports.https, a, &root).then_some(())
+    });
+    assert_eq!(pebble.orders(), 1);
+    let container = app.containers(true);
+    assert_eq!(container.len(), 1);
+    let started_at = TestApp::inspect(&container[0], "{{.State.StartedAt}}");
+
+    let config = dir.write("berth.toml", &config_toml(&dir, ports, "0s", "5s", &format!("{}\n{app_toml}", pebble.tls_toml(&[a, b], ""))));
+    berth.signal("HUP");
+    wait_for("a certificate for the new domain", Duration::from_secs(30), || {
+        verifies(ports.https, b, &root).then_some(())
+    });
+    assert!(verifies(ports.https, a, &root), "the old domain keeps verifying");
+    assert_eq!(pebble.orders(), 2, "one order for the new name set");
+    let (serial, _) = served(ports.https, b).unwrap();
+    assert_eq!(served(ports.https, a).unwrap().0, serial, "one certificate for both names");
+    assert!(
+        berth.logs().lines().any(|l| l.contains("self-signed certificate installed") && l.contains(b) && !l.contains(&format!("{a},"))),
+        "the new name alone gets a self-signed certificate at once:\n{}",
+        berth.logs()
+    );
+
+    let out = std::process::Command::new(berth_tests::berth_bin()).args(["status", "--json", "-c"]).arg(&config).output().unwrap();
+    let status: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap_or_else(|e| panic!("{e}: {}", String::from_utf8_lossy(&out.stdout)));
+    let cert = &status["tls"]["certificate"];
+    let names: Vec<&str> = cert["names"].as_array().unwrap().iter().filter_map(|n| n.as_str()).collect();
+    assert!(names.contains(&a) && names.contains(&b), "{status}");
+    let plain = |s: &str| s.replace(':', "").to_ascii_lowercase();
+    assert_eq!(plain(cert["serial"].as_str().unwrap()), plain(&serial), "{status}");
+    assert_eq!(status["domains"], serde_json::json!([a, b]));
+
+    assert!(berth.child.try_wait().unwrap().is_none(), "SIGHUP must not end berth");
+    assert_eq!(app.containers(true), container, "the app container stays");
+    assert_eq!(TestApp::inspect(&container[0], "{{.State.StartedAt}}"), started_at, "the app was not restarted");
+
+    // Same names, another contact: the certificate still fits, nothing is ordered.
+    dir.write("berth.toml", &std::fs::read_to_string(&config).unwrap().replace("mailto:ops@example.com", "mailto:sec@example.com"));
+    berth.signal("HUP");
+    wait_for("the reload to reach the ACME task", Duration::from_secs(10), || {
+        berth.logs().contains("the certificate serving still fits, nothing to order").then_some(())
+    });
+    assert!(verifies(ports.https, b, &root));
+    assert_eq!(pebble.orders(), 2, "an unchanged name set is not ordered again:\n{}", berth.logs());
+    stop(&mut berth);
 }

@@ -515,3 +515,44 @@ max_backoff = "2s"
     assert!(berth.logs().contains("the container kept running through the Docker restart"), "{}", berth.logs());
     assert!(berth.child.try_wait().unwrap().is_none(), "berth must stay up");
 }
+
+/// `systemctl reload` with another `secrets.path`: the refresh loop switches to it and
+/// fetches at once, and the changed set rolls the app out (`on_change = "redeploy"`) with
+/// the new values in the container's environment. No value reaches berth's log.
+#[test]
+fn reload_to_another_secrets_path_redeploys_with_its_values() {
+    let dir = TestDir::new();
+    let ports = Ports::pick();
+    let app = TestApp::new("secrets-reload");
+    let (a, b) = (prefix("secrets-reload-a"), prefix("secrets-reload-b"));
+    let stamp = std::process::id();
+    let (va, vb) = (format!("from-a-{stamp}-x9q"), format!("from-b-{stamp}-k7w"));
+    ssm_put(&format!("{a}api/token"), &va);
+    ssm_put(&format!("{b}api/token"), &vb);
+    ssm_put(&format!("{b}only/in/b"), &vb);
+    // refresh_interval 1h: only the reload can make berth read /b.
+    let v1 = app_config(&dir, ports, &app, &a, "").replace("refresh_interval = \"1s\"", "refresh_interval = \"1h\"");
+    let cfg = dir.write("berth.toml", &v1);
+    let mut berth = spawn(&cfg, &dir);
+    wait_healthy(ports, &berth);
+    let env_of = |id: &str| TestApp::inspect(id, "{{json .Config.Env}}");
+    let first = app.containers(true);
+    assert_eq!(first.len(), 1);
+    assert!(env_of(&first[0]).contains(&format!("API_TOKEN={va}")), "{}", env_of(&first[0]));
+
+    dir.write("berth.toml", &v1.replace(&a, &b));
+    berth.signal("HUP");
+    let now = wait_for("a container with /b's values", Duration::from_secs(30), || {
+        let ids = app.containers(true);
+        (ids.len() == 1 && ids != first && env_of(&ids[0]).contains(&format!("API_TOKEN={vb}"))).then_some(ids)
+    });
+    let env = env_of(&now[0]);
+    assert!(env.contains(&format!("ONLY_IN_B={vb}")) && !env.contains(&va), "{env}");
+    let (code, body) = get(ports, "/env");
+    assert_eq!(code, 200, "the new container serves");
+    assert!(body.contains(&vb), "{body}");
+    assert!(berth.child.try_wait().unwrap().is_none(), "reload must not stop berth");
+    let logs = berth.logs();
+    assert!(logs.contains("secrets source reloaded"), "{logs}");
+    assert!(!logs.contains(&va) && !logs.contains(&vb), "a secret value is in the log:\n{logs}");
+}

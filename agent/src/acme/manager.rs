@@ -5,6 +5,11 @@
 //! renew`, or shutdown), attempt, and on failure back off. In fleet mode the loop also polls
 //! SSM for a certificate another instance stored, and an attempt first takes the fleet's
 //! order lock.
+//!
+//! A reload sends new settings through a watch channel; the loop takes them between
+//! attempts (an order in flight finishes first), and the next `due` decides whether the
+//! certificate still fits. Account, backoff and rate-limit state stay: a reload is never a
+//! way around what the CA asked for.
 
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant, SystemTime};
@@ -12,7 +17,7 @@ use std::time::{Duration, Instant, SystemTime};
 use berth_proxy::challenge::ChallengeResponder;
 use berth_proxy::tls::CertStore;
 use instant_acme::{Account, NewAccount};
-use tokio::sync::mpsc;
+use tokio::sync::{mpsc, watch};
 use tokio_util::sync::CancellationToken;
 use zeroize::Zeroizing;
 
@@ -33,7 +38,11 @@ pub(crate) struct Manager {
     responder: ChallengeResponder,
     status: Arc<Mutex<AcmeStatus>>,
     renew: mpsc::Receiver<RenewRequest>,
+    /// New settings from a reload.
+    setups: watch::Receiver<AcmeSetup>,
     shutdown: CancellationToken,
+    /// What the last failed attempt was; a rate limit outlives a reload.
+    last_failure: Option<FailureKind>,
     /// `tls.domains`, in config order; the first is the certificate's primary name.
     domains: Vec<String>,
     /// `domains` joined, the `domain` field of every log line here.
@@ -91,6 +100,7 @@ impl Manager {
         responder: ChallengeResponder,
         status: Arc<Mutex<AcmeStatus>>,
         renew: mpsc::Receiver<RenewRequest>,
+        setups: watch::Receiver<AcmeSetup>,
         shutdown: CancellationToken,
     ) -> Manager {
         let domains = setup.tls.domains.clone();
@@ -103,7 +113,9 @@ impl Manager {
             responder,
             status,
             renew,
+            setups,
             shutdown,
+            last_failure: None,
             domains,
             label,
             local,
@@ -129,18 +141,69 @@ impl Manager {
         f(&mut self.status.lock().unwrap_or_else(|e| e.into_inner()));
     }
 
-    pub(crate) async fn run(mut self) {
-        self.load_local();
-        if let Some(prefix) = self.setup.acme.shared.clone() {
-            let sdk = match self.setup.sdk.take() {
-                Some(sdk) => sdk,
-                None => crate::aws::sdk_config(&self.setup.aws).await,
-            };
-            self.fleet = Some(Fleet::new(&sdk, &prefix));
+    /// Fleet mode: the SSM side, from `tls.acme.shared` and `[aws]`.
+    async fn connect_fleet(&mut self) {
+        self.fleet = match self.setup.acme.shared.clone() {
+            Some(prefix) => {
+                let sdk = match self.setup.sdk.take() {
+                    Some(sdk) => sdk,
+                    None => crate::aws::sdk_config(&self.setup.aws).await,
+                };
+                Some(Fleet::new(&sdk, &prefix))
+            }
+            None => None,
+        };
+        self.fleet_account = None;
+        self.next_fleet_poll = Instant::now();
+    }
+
+    /// Takes the settings a reload sent. Returns whether a backoff in force should be
+    /// dropped: for new names or another CA an earlier failure says little, except a rate
+    /// limit, which the CA keeps counting.
+    async fn take_new_setup(&mut self) -> bool {
+        let mut new = self.setups.borrow_and_update().clone();
+        let old = &self.setup;
+        let names_changed = new.tls.domains != old.tls.domains;
+        let ca_changed = new.acme.directory != old.acme.directory || new.acme.ca_bundle != old.acme.ca_bundle;
+        let fleet_changed = new.acme.shared != old.acme.shared || (new.acme.shared.is_some() && new.aws != old.aws);
+        // The SDK config given at start belongs to the old settings.
+        new.sdk = if fleet_changed { None } else { self.setup.sdk.take() };
+        // Test knobs are not in the config file.
+        new.timing = self.setup.timing.clone();
+        self.setup = new;
+        self.domains = self.setup.tls.domains.clone();
+        self.label = self.domains.join(",");
+        if ca_changed {
+            self.account = None;
+            self.ari = Ari::default();
         }
+        if fleet_changed {
+            self.account = None;
+            if self.setup.acme.shared.is_none() {
+                // No fleet: answer only the tokens of our own orders again.
+                self.responder.set_thumbprint(None);
+            }
+            self.connect_fleet().await;
+        }
+        let fits = self.current.as_ref().is_some_and(|c| c.info.matches(&self.domains))
+            && self.current_directory.as_deref().is_none_or(|d| d == self.directory());
+        if fits {
+            tracing::info!(domain = %self.label, "tls settings reloaded; the certificate serving still fits, nothing to order");
+        } else {
+            tracing::info!(domain = %self.label, "tls settings reloaded; ordering a certificate for these names");
+        }
+        (names_changed || ca_changed || fleet_changed) && self.last_failure != Some(FailureKind::RateLimited)
+    }
+
+    pub(crate) async fn run(mut self) {
+        self.connect_fleet().await;
         let mut retry_at: Option<Instant> = None;
         let mut pending: Vec<RenewRequest> = Vec::new();
         loop {
+            if self.setups.has_changed().unwrap_or(false) && self.take_new_setup().await {
+                self.backoff.reset();
+                retry_at = None;
+            }
             if self.fleet.is_some() {
                 self.fleet_sync().await;
             }
@@ -168,6 +231,7 @@ impl Manager {
                 let reply = match result {
                     Ok(Outcome::Ordered(issued)) | Ok(Outcome::Found(issued)) => {
                         self.backoff.reset();
+                        self.last_failure = None;
                         retry_at = None;
                         Ok(issued.info.clone())
                     }
@@ -182,6 +246,7 @@ impl Manager {
                         Err(format!("another instance ({holder}) is renewing now; its certificate is installed here when stored"))
                     }
                     Err(f) => {
+                        self.last_failure = Some(f.kind);
                         let wait = self.delay_after(&f);
                         tracing::warn!(domain = %self.label, error = %f.message, retry_in = ?wait, "could not get a certificate; retrying");
                         let serving = if self.current.is_some() { "current certificate still serving" } else { "self-signed certificate serving" };
@@ -215,6 +280,8 @@ impl Manager {
             tokio::select! {
                 _ = tokio::time::sleep(wake) => {}
                 Some(r) = self.renew.recv() => pending.push(r),
+                // `changed` marks the settings seen; the top of the loop looks for unseen ones.
+                Ok(()) = self.setups.changed() => self.setups.mark_changed(),
                 _ = self.shutdown.cancelled() => return,
             }
         }
@@ -222,7 +289,7 @@ impl Manager {
 
     /// At start: a certificate stored by an earlier run serves at once, and unless it is
     /// due, no order is placed.
-    fn load_local(&mut self) {
+    pub(crate) fn load_local(&mut self) {
         match self.local.certificate() {
             Ok(Some((issued, directory))) => {
                 let info = &issued.info;

@@ -1,11 +1,16 @@
 //! Certificates for `:443`: ordered from an ACME CA (HTTP-01 through the `:80` responder),
 //! renewed in the background, shared across a fleet through SSM, or loaded from files.
 //!
-//! The daemon calls [`spawn`] once with the proxy's [`CertStore`] (which starts with a
+//! The daemon calls [`spawn`] with the proxy's [`CertStore`] (which starts with a
 //! self-signed certificate) and [`ChallengeResponder`]; everything after that happens in one
 //! background task per mode, which never fails the daemon: every error is logged, shown in
 //! [`AcmeHandle::status`], and retried with capped exponential backoff and jitter, for as
 //! long as the CA says when it says (`Retry-After`, rate limits).
+//!
+//! A reload hands the ACME task its new settings ([`AcmeHandle::reconfigure`]): it keeps its
+//! account, its backoff and what the CA said about rate limits, and orders only if the
+//! certificate no longer fits. Another mode means another task: [`AcmeHandle::stop`] the old
+//! one (it releases a fleet lock it holds) and [`spawn`] anew.
 //!
 //! - `tls.mode = "acme"`: [`manager`]. Account and certificate persist in `state_dir/acme/`
 //!   ([`local`]); with `tls.acme.shared`, in SSM instead, one order per fleet ([`fleet`]).
@@ -35,8 +40,9 @@ use aws_config::SdkConfig;
 use berth_proxy::challenge::ChallengeResponder;
 use berth_proxy::tls::CertStore;
 use serde::Serialize;
-use tokio::sync::{mpsc, oneshot};
+use tokio::sync::{mpsc, oneshot, watch};
 use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
 
 pub use cert::CertInfo;
 
@@ -172,9 +178,40 @@ pub(crate) struct RenewRequest {
 pub struct AcmeHandle {
     status: Arc<Mutex<AcmeStatus>>,
     renew: Option<mpsc::Sender<RenewRequest>>,
+    /// `tls.mode = "acme"`: the manager follows this (a reload sends new settings).
+    setup: Option<Arc<watch::Sender<AcmeSetup>>>,
+    /// Stops this task only (a child of the daemon's shutdown).
+    stop: CancellationToken,
+    tasks: TaskTracker,
 }
 
 impl AcmeHandle {
+    /// A reload changed `[tls]` (or `[aws]`, which fleet mode uses). The ACME task takes
+    /// new settings in place and returns `true`: it keeps its account, backoff and the CA's
+    /// rate-limit answers, and orders only when the certificate no longer fits the new
+    /// names or CA. Any other change of mode or settings returns `false`: the caller stops
+    /// this task and spawns one for `setup`.
+    pub fn reconfigure(&self, setup: &AcmeSetup) -> bool {
+        let Some(tx) = &self.setup else { return false };
+        if setup.tls.mode != TlsMode::Acme {
+            return false;
+        }
+        {
+            // What `berth status` says follows at once; the certificate when it is installed.
+            let mut s = self.status.lock().unwrap_or_else(|e| e.into_inner());
+            s.domains = setup.tls.domains.clone();
+            s.shared = setup.acme.shared.clone();
+        }
+        tx.send_replace(setup.clone());
+        true
+    }
+
+    /// Stops the task and waits until it has (a fleet order lock it holds is released).
+    pub async fn stop(&self) {
+        self.stop.cancel();
+        self.tasks.wait().await;
+    }
+
     pub fn status(&self) -> AcmeStatus {
         self.status.lock().unwrap_or_else(|e| e.into_inner()).clone()
     }
@@ -249,18 +286,29 @@ pub fn spawn(setup: AcmeSetup, certs: CertStore, challenges: ChallengeResponder,
     }));
     // Room for a few `berth renew` calls at once; more are told to try again.
     let (tx, rx) = mpsc::channel(8);
+    let stop = shutdown.child_token();
+    let tasks = TaskTracker::new();
+    let mut setup_tx = None;
     let renew = match setup.tls.mode {
         TlsMode::SelfSigned => None,
         TlsMode::Acme => {
-            tokio::spawn(manager::Manager::new(setup, certs, challenges, status.clone(), rx, shutdown).run());
+            let (stx, srx) = watch::channel(setup.clone());
+            setup_tx = Some(Arc::new(stx));
+            let mut manager = manager::Manager::new(setup, certs, challenges, status.clone(), rx, srx, stop.clone());
+            // A certificate stored by an earlier run serves from the first handshake, not
+            // from whenever the task first runs: after a restart, clients that verify never
+            // see the self-signed one.
+            manager.load_local();
+            tasks.spawn(manager.run());
             Some(tx)
         }
         TlsMode::Files => {
-            tokio::spawn(files::run(setup, certs, status.clone(), rx, shutdown));
+            tasks.spawn(files::run(setup, certs, status.clone(), rx, stop.clone()));
             Some(tx)
         }
     };
-    AcmeHandle { status, renew }
+    tasks.close();
+    AcmeHandle { status, renew, setup: setup_tx, stop, tasks }
 }
 
 pub(crate) fn unix(t: SystemTime) -> u64 {
