@@ -4,7 +4,7 @@
 //!
 //! ```text
 //! standalone --http 127.0.0.1:8080 --https 127.0.0.1:8443 --upstream 127.0.0.1:9000 \
-//!            [--domain app.test] [--cert-out self-signed.crt] [--header-timeout-ms N] \
+//!            [--domain app.test] [--cert-out self-signed.crt] [--header-timeout-ms N] [--idle-timeout-ms N] \
 //!            [--response-timeout-ms N] [--swap-cert-every-ms N] [--drain-ms N] \
 //!            [--route HOST/PREFIX]...
 //! ```
@@ -33,6 +33,7 @@ struct Args {
     domain: String,
     cert_out: Option<String>,
     header_timeout: Option<Duration>,
+    idle_timeout: Option<Duration>,
     response_timeout: Option<Duration>,
     swap_every: Option<Duration>,
     drain: Duration,
@@ -48,6 +49,7 @@ fn parse_args() -> Args {
         domain: "app.test".into(),
         cert_out: None,
         header_timeout: None,
+        idle_timeout: None,
         response_timeout: None,
         swap_every: None,
         drain: Duration::from_secs(5),
@@ -63,6 +65,7 @@ fn parse_args() -> Args {
             "--domain" => a.domain = val(),
             "--cert-out" => a.cert_out = Some(val()),
             "--header-timeout-ms" => a.header_timeout = Some(ms(val())),
+            "--idle-timeout-ms" => a.idle_timeout = Some(ms(val())),
             "--response-timeout-ms" => a.response_timeout = Some(ms(val())),
             "--swap-cert-every-ms" => a.swap_every = Some(ms(val())),
             "--drain-ms" => a.drain = ms(val()),
@@ -113,6 +116,9 @@ async fn main() {
     let mut limits = Limits::default();
     if let Some(t) = args.header_timeout {
         limits.header_read_timeout = t;
+    }
+    if let Some(t) = args.idle_timeout {
+        limits.idle_timeout = t;
     }
     let mut forward_limits = ForwardLimits::default();
     if let Some(t) = args.response_timeout {

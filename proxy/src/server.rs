@@ -8,6 +8,7 @@ use std::future::Future;
 use std::io;
 use std::net::SocketAddr;
 use std::pin::Pin;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 use std::task::{Context, Poll};
 use std::time::Duration;
@@ -40,6 +41,11 @@ pub struct Limits {
     pub max_connections: usize,
     /// HTTP/2 PING interval; a peer that stops answering is disconnected.
     pub h2_keep_alive: Duration,
+    /// A connection that starts no request for this long is asked to close (HTTP/2:
+    /// GOAWAY; streams still running finish). PINGs keep an idle HTTP/2 connection alive
+    /// forever otherwise, each holding one of `max_connections`. HTTP/1.1 already closes
+    /// after `header_read_timeout` without a request.
+    pub idle_timeout: Duration,
     /// On stop, how long a connection accepted just before, which has not sent its first
     /// request yet, still waits for it. The client connected while we were accepting and
     /// its request is on the way; closing would fail it (an empty reply or a reset).
@@ -54,6 +60,7 @@ impl Default for Limits {
             max_header_bytes: 64 * 1024,
             max_connections: 10_000,
             h2_keep_alive: Duration::from_secs(30),
+            idle_timeout: Duration::from_secs(75),
             first_request_grace: Duration::from_secs(1),
         }
     }
@@ -135,16 +142,21 @@ pub async fn serve<H: Handler>(
         let handshake_timeout = limits.handshake_timeout;
         let header_read_timeout = limits.header_read_timeout;
         let first_request_grace = limits.first_request_grace;
+        let idle_timeout = limits.idle_timeout;
         tasks.spawn(async move {
             let _permit = permit;
             // Set when the first request's head has arrived (see the stop below).
             let first_request = Arc::new(tokio::sync::Notify::new());
+            // Requests started on this connection, for the idle timeout.
+            let started = Arc::new(AtomicU64::new(0));
             let service = {
                 let conn = conn.clone();
                 let first_request = first_request.clone();
+                let started = started.clone();
                 hyper::service::service_fn(move |req| {
                     // Stores a permit: a stop that looks later finds it.
                     first_request.notify_one();
+                    started.fetch_add(1, Ordering::Relaxed);
                     let handler = handler.clone();
                     let conn = conn.clone();
                     async move { Ok::<_, std::convert::Infallible>(handler.handle(req, &conn).await) }
@@ -174,21 +186,33 @@ pub async fn serve<H: Handler>(
             // connection that has not delivered its first request yet gets a short grace
             // for it first: asked to stop before that, hyper closes it unanswered (the
             // client connected in the moment before the stop and sees its request fail).
-            let result = tokio::select! {
-                r = conn.as_mut() => r,
-                _ = shutdown.cancelled() => {
-                    let grace = tokio::time::sleep(first_request_grace);
-                    let finished = tokio::select! {
-                        r = conn.as_mut() => Some(r),
-                        _ = first_request.notified() => None,
-                        _ = grace => None,
-                    };
-                    match finished {
-                        Some(r) => r,
-                        None => {
+            let mut seen = 0;
+            let result = loop {
+                tokio::select! {
+                    r = conn.as_mut() => break r,
+                    _ = shutdown.cancelled() => {
+                        let grace = tokio::time::sleep(first_request_grace);
+                        let finished = tokio::select! {
+                            r = conn.as_mut() => Some(r),
+                            _ = first_request.notified() => None,
+                            _ = grace => None,
+                        };
+                        break match finished {
+                            Some(r) => r,
+                            None => {
+                                conn.as_mut().graceful_shutdown();
+                                conn.await
+                            }
+                        };
+                    }
+                    _ = tokio::time::sleep(idle_timeout) => {
+                        let now = started.load(Ordering::Relaxed);
+                        if now == seen {
+                            tracing::debug!(%peer, "closing a connection idle for {idle_timeout:?}");
                             conn.as_mut().graceful_shutdown();
-                            conn.await
+                            break conn.await;
                         }
+                        seen = now;
                     }
                 }
             };

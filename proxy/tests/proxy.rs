@@ -1343,3 +1343,41 @@ async fn a_connection_accepted_just_before_the_stop_is_served() {
         tokio::time::timeout(Duration::from_secs(10), server).await.expect("the server drains").unwrap();
     }
 }
+
+// ---------------------------------------------------------------------------------------
+// Idle HTTP/2 connections
+// ---------------------------------------------------------------------------------------
+
+/// HTTP/2 PINGs keep a connection alive whether or not it is used; without an idle timeout
+/// every client that ever connected would hold a connection slot forever.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn idle_http2_connections_are_closed_and_busy_ones_kept() {
+    let _g = HEAVY.read().await;
+    let app = tokio::task::block_in_place(start_app);
+    let p = tokio::task::block_in_place(|| Proxy::start(app.addr, &["--idle-timeout-ms", "800"]));
+    let cfg = client_config(&p.cert, &[b"h2"]);
+
+    // Busy: a request every 300 ms for 2.4 s (three idle periods) keeps it open.
+    let mut busy = Client::connect(p.https, cfg.clone()).await.unwrap();
+    assert!(busy.is_h2());
+    for _ in 0..8 {
+        assert_eq!(busy.get("/").await.unwrap().0, StatusCode::OK);
+        tokio::time::sleep(Duration::from_millis(300)).await;
+    }
+    let Sender::H2(s) = &busy.sender else { unreachable!() };
+    assert!(!s.is_closed(), "a connection in use was closed");
+
+    // Idle: one request, then nothing. Closed after one to two idle periods.
+    let mut idle = Client::connect(p.https, cfg).await.unwrap();
+    assert_eq!(idle.get("/").await.unwrap().0, StatusCode::OK);
+    let since = Instant::now();
+    let Sender::H2(s) = &idle.sender else { unreachable!() };
+    while !s.is_closed() {
+        assert!(since.elapsed() < Duration::from_secs(5), "an idle h2 connection is still open after 5 s");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    let closed_after = since.elapsed();
+    println!("idle h2 connection closed after {closed_after:?} (idle timeout 0.8 s)");
+    assert!(closed_after >= Duration::from_millis(700), "closed after {closed_after:?}, before the idle timeout");
+    drop(app);
+}
