@@ -98,14 +98,15 @@ impl Observer for AccessLog {
         tracing::info!(
             target: "berth::access",
             app = r.app.unwrap_or(""),
-            method = %r.method,
+            method = r.method.as_str(),
             host = r.host,
             path = r.path,
             status = r.status.as_u16(),
-            duration_ms = r.elapsed.as_secs_f64() * 1000.0,
-            upstream = r.upstream.map(|u| u.to_string()).unwrap_or_default(),
+            // Integer microseconds: formatting a float costs more than the rest of the event.
+            duration_us = r.elapsed.as_micros() as u64,
+            upstream = r.upstream.unwrap_or(""),
             bytes = r.bytes.unwrap_or(0),
-            peer = %r.peer.ip(),
+            peer = r.peer_ip,
             "request"
         );
     }

@@ -232,6 +232,7 @@ mod tests {
             host: "example.com",
             path: "/",
             peer: "127.0.0.1:1".parse().unwrap(),
+            peer_ip: "127.0.0.1",
             upstream: None,
             bytes: None,
         }

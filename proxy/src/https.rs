@@ -24,7 +24,10 @@ pub struct RequestRecord<'a> {
     pub host: &'a str,
     pub path: &'a str,
     pub peer: std::net::SocketAddr,
-    pub upstream: Option<std::net::SocketAddr>,
+    /// The peer's IP, already formatted (once per connection).
+    pub peer_ip: &'a str,
+    /// The container's `ip:port`, already formatted (once per backend).
+    pub upstream: Option<&'a str>,
     /// The response's Content-Length, when it has one.
     pub bytes: Option<u64>,
 }
@@ -73,11 +76,13 @@ impl Handler for Https {
             Some(a) => a.as_str(),
             None => host_header.as_ref().and_then(|h| h.to_str().ok()).unwrap_or_default(),
         };
+        // The app's Content-Length, or the exact size of a body we made (error pages).
         let bytes = resp
             .headers()
             .get(header::CONTENT_LENGTH)
             .and_then(|v| v.to_str().ok())
-            .and_then(|v| v.parse().ok());
+            .and_then(|v| v.parse().ok())
+            .or_else(|| hyper::body::Body::size_hint(resp.body()).exact());
         observer.observe(&RequestRecord {
             app: route.app.as_deref(),
             status: resp.status(),
@@ -86,7 +91,8 @@ impl Handler for Https {
             host,
             path: uri.path(),
             peer: conn.peer,
-            upstream: route.upstream,
+            peer_ip: conn.peer_header.to_str().unwrap_or_default(),
+            upstream: route.upstream.as_ref().map(|b| &*b.addr_text),
             bytes,
         });
         resp
@@ -126,7 +132,7 @@ impl Https {
             resp.headers_mut().insert(header::RETRY_AFTER, http::HeaderValue::from_static("2"));
             return (routed, resp);
         };
-        routed.upstream = Some(in_flight.addr());
+        routed.upstream = Some(in_flight.backend_arc());
         // Boxed so the handler's future stays small: hyper copies it into a new task for
         // every HTTP/2 stream, and copying kilobytes of forwarding state cost more than this
         // one allocation.
@@ -139,7 +145,7 @@ impl Https {
 #[derive(Default)]
 struct Routed {
     app: Option<Arc<str>>,
-    upstream: Option<std::net::SocketAddr>,
+    upstream: Option<Arc<crate::routes::Backend>>,
 }
 
 /// The host the client asked for: `:authority` (HTTP/2, absolute-form) or `Host`.

@@ -66,6 +66,8 @@ impl RouteTable {
 #[derive(Debug)]
 pub struct Backend {
     pub addr: SocketAddr,
+    /// `addr` formatted once, for access logs.
+    pub addr_text: Box<str>,
     in_flight: AtomicUsize,
     /// Keep-alive connections to this container; dropped with it.
     pub conns: Arc<crate::upstream::ConnPool>,
@@ -87,6 +89,10 @@ impl InFlight {
 
     pub fn backend(&self) -> &Backend {
         &self.0
+    }
+
+    pub fn backend_arc(&self) -> Arc<Backend> {
+        self.0.clone()
     }
 }
 
@@ -130,6 +136,7 @@ impl Router {
                     Arc::from(app),
                     Arc::new(Backend {
                         addr,
+                        addr_text: addr.to_string().into(),
                         in_flight: AtomicUsize::new(0),
                         conns: Default::default(),
                     }),

@@ -331,3 +331,9 @@ fn parse_wrk(text: &str) -> Option<LoadResult> {
     }
     Some(LoadResult { requests, failures })
 }
+
+/// Whether a log line (berth's stderr format) has `key=value…`, quoted or not: strings are
+/// quoted (`path="/x"`), numbers are not (`status=200`). `value` may be a prefix.
+pub fn log_field(line: &str, key: &str, value: &str) -> bool {
+    line.contains(&format!(" {key}={value}")) || line.contains(&format!(" {key}=\"{value}"))
+}

@@ -5,7 +5,7 @@
 use std::process::Command;
 use std::time::Duration;
 
-use berth_tests::{config_toml, curl, env, ssm_put, wait_for, Berth, Ports, TestApp, TestDir};
+use berth_tests::{config_toml, curl, env, log_field, ssm_put, wait_for, Berth, Ports, TestApp, TestDir};
 
 #[test]
 fn denied_requests_never_reach_the_app() {
@@ -77,5 +77,15 @@ fn denied_requests_never_reach_the_app() {
         .collect();
     assert!(logs.contains("GET /allowed-1") && logs.contains("GET /allowed-2"), "{logs}");
     assert!(!logs.contains("/denied-"), "a denied request reached an app:\n{logs}");
+
+    // berth's access log (as shipped: errors only) has each denial, and no allowed request.
+    let ours = berth.logs();
+    let event = |path: &str| ours.lines().find(|l| l.contains(" request ") && log_field(l, "path", &format!("{path}\""))).map(str::to_owned);
+    let denied = event("/denied-1").unwrap_or_else(|| panic!("no access event for a 403:\n{ours}"));
+    for (key, value) in [("app", deny.name.as_str()), ("status", "403"), ("method", "GET"), ("host", "deny.test:")] {
+        assert!(log_field(&denied, key, value), "{key}={value} missing: {denied}");
+    }
+    assert!(event("/denied-2").is_some_and(|l| log_field(&l, "status", "401")), "{ours}");
+    assert!(event("/allowed-1").is_none(), "a 200 was logged with access_log = \"errors\":\n{ours}");
     drop(berth);
 }

@@ -4,7 +4,7 @@
 use std::process::Command;
 use std::time::Duration;
 
-use berth_tests::{berth_bin, config_toml, curl, env, free_port, wait_for, Berth, Ports, TestApp, TestDir};
+use berth_tests::{berth_bin, config_toml, curl, env, free_port, log_field, wait_for, Berth, Ports, TestApp, TestDir};
 use prometheus_parse::{Scrape, Value};
 
 fn scrape(port: u16) -> Scrape {
@@ -56,7 +56,9 @@ max_backoff = "1s"
         name = app.name,
         image = env("BERTH_TEST_APP_IMAGE"),
     );
-    let src = config_toml(&dir, ports, "0s", "2s", &rest).replace("metrics_listen = \"\"", &format!("metrics_listen = \"127.0.0.1:{metrics_port}\""));
+    let src = config_toml(&dir, ports, "0s", "2s", &rest)
+        .replace("metrics_listen = \"\"", &format!("metrics_listen = \"127.0.0.1:{metrics_port}\""))
+        .replace("[http]\n", "[http]\naccess_log = \"all\"\n");
     let cfg = dir.write("berth.toml", &src);
     let berth = Berth::spawn(Berth::command(&cfg), &dir);
     wait_for("healthy", Duration::from_secs(30), || {
@@ -70,6 +72,13 @@ max_backoff = "1s"
         assert_eq!(curl(&["-k", &format!("https://127.0.0.1:{}/", ports.https)]).0, 200);
     }
     let s1 = scrape(metrics_port);
+    // access_log = "all": one event per request, with the fields an operator filters on.
+    let logs = berth.logs();
+    let events: Vec<&str> = logs.lines().filter(|l| l.contains(" request ") && log_field(l, "app", &app.name)).collect();
+    assert!(events.len() >= 7, "7 access events expected:\n{logs}");
+    for (key, value) in [("method", "GET"), ("path", "/"), ("status", "200"), ("duration_us", ""), ("upstream", "127.0.0.1:"), ("bytes", ""), ("peer", "127.0.0.1"), ("host", "127.0.0.1:")] {
+        assert!(events.iter().all(|l| log_field(l, key, value)), "access events lack {key}={value}:\n{}", events.join("\n"));
+    }
     assert_eq!(value(&s1, "berth_http_requests_total", &[("app", &app.name), ("code", "200")]), Some(before + 7.0));
     assert!(value(&s1, "berth_http_request_duration_seconds_count", &[("app", &app.name)]).unwrap_or(0.0) >= 7.0);
     assert_eq!(value(&s1, "berth_app_healthy", &[("app", &app.name)]), Some(1.0));
