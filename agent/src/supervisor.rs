@@ -252,7 +252,7 @@ pub async fn route_running(docker: &Docker, apps: &BTreeMap<String, AppConfig>, 
         for c in list {
             let id = c.id.unwrap_or_default();
             let Ok(info) = docker.inspect_container(&id, None::<InspectContainerOptions>).await else { continue };
-            let Some(addr) = published_addr(&info, config.port) else { continue };
+            let Some(addr) = app_addr(&info, config.port) else { continue };
             let healthy = match &config.health.path {
                 Some(path) => probe.get(addr, path, config.health.timeout.0.min(Duration::from_secs(1))).await,
                 None => true,
@@ -601,7 +601,7 @@ impl AppTask {
             let running = c.state.map(|s| s.to_string() == "running").unwrap_or(false);
             if running && self.current.is_none() {
                 let info = self.inspect(&id).await?;
-                if let Some(addr) = published_addr(&info, self.config.port) {
+                if let Some(addr) = app_addr(&info, self.config.port) {
                     if hash == want {
                         tracing::info!(app = %self.name, container_id = %short(&id), "adopting the running container");
                     } else {
@@ -910,7 +910,7 @@ impl AppTask {
             }
             let info = self.inspect(&created.id).await?;
             let running = info.state.as_ref().and_then(|s| s.running).unwrap_or(false);
-            let addr = match published_addr(&info, self.config.port) {
+            let addr = match app_addr(&info, self.config.port) {
                 Some(addr) => addr,
                 // Exited already: no port until it runs again. The caller sees it unhealthy and
                 // crash handling restarts it, re-reading the port.
@@ -1202,7 +1202,7 @@ impl AppTask {
     /// status fields; a changed port restarts health checking, whose verdict routes to it.
     fn refresh_addr(&mut self, info: &ContainerInspectResponse) {
         self.update_status(info);
-        let Some(addr) = published_addr(info, self.config.port) else {
+        let Some(addr) = app_addr(info, self.config.port) else {
             return;
         };
         if let Some(c) = self.current.as_mut() {
@@ -1298,7 +1298,7 @@ impl AppTask {
                 tracing::info!(app = %self.name, container_id = %short(&cur.id), "container restarted");
                 // The published port can change across a restart.
                 if let Ok(info) = self.inspect(&cur.id).await {
-                    if let Some(addr) = published_addr(&info, self.config.port) {
+                    if let Some(addr) = app_addr(&info, self.config.port) {
                         if let Some(c) = self.current.as_mut() {
                             c.addr = addr;
                         }
@@ -1454,6 +1454,28 @@ impl Probe {
             }
             _ => None,
         }
+    }
+}
+
+/// Where the app's traffic goes: the container's own address on its Docker network, at the
+/// configured port; the port published on 127.0.0.1 only when it has none (host networking).
+///
+/// Not the published port: for loopback clients Docker forwards it through docker-proxy, a
+/// userland process that copies every byte once more (CPU on every request) and exits with
+/// dockerd, so a Docker restart would cut an app that live-restore keeps running. The
+/// published port stays, for `curl` while debugging.
+fn app_addr(info: &ContainerInspectResponse, port: u16) -> Option<SocketAddr> {
+    let on_network = info
+        .network_settings
+        .as_ref()
+        .and_then(|n| n.networks.as_ref())
+        .and_then(|nets| {
+            let mut ips = nets.values().filter_map(|e| e.ip_address.as_deref()?.parse::<std::net::IpAddr>().ok());
+            ips.next()
+        });
+    match on_network {
+        Some(ip) if published_addr(info, port).is_some() => Some(SocketAddr::new(ip, port)),
+        _ => published_addr(info, port),
     }
 }
 
