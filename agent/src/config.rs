@@ -960,7 +960,7 @@ impl<'a> Locator<'a> {
                     best = Some(key.span().start);
                     val
                 }),
-                (Seg::Index(i), _, Some(toml::de::DeValue::Array(a))) => a.iter().nth(i).inspect(|val| {
+                (Seg::Index(i), _, Some(toml::de::DeValue::Array(a))) => a.get(i).inspect(|val| {
                     best = Some(val.span().start);
                 }),
                 _ => None,

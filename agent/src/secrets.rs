@@ -97,6 +97,7 @@ pub struct Changes {
 }
 
 impl Changes {
+    #[cfg(test)]
     pub fn is_empty(&self) -> bool {
         self.added.is_empty() && self.removed.is_empty() && self.changed.is_empty()
     }
@@ -107,14 +108,11 @@ impl SecretSet {
         self.entries.len()
     }
 
-    pub fn is_empty(&self) -> bool {
-        self.entries.is_empty()
-    }
-
     pub fn get(&self, name: &str) -> Option<&Secret> {
         self.entries.get(name).map(|e| &e.value)
     }
 
+    #[cfg(test)]
     pub fn entry(&self, name: &str) -> Option<&SecretEntry> {
         self.entries.get(name)
     }
@@ -125,6 +123,7 @@ impl SecretSet {
     }
 
     /// `(name, entry)` pairs, sorted by name.
+    #[cfg(test)]
     pub fn iter(&self) -> impl Iterator<Item = (&str, &SecretEntry)> {
         self.entries.iter().map(|(k, v)| (k.as_str(), v))
     }
@@ -839,7 +838,6 @@ pub struct SecretsHandle {
     status: watch::Receiver<SecretsStatus>,
     /// What the loop reads and how often; a reload sends new settings.
     control: Arc<watch::Sender<Settings>>,
-    task: tokio::task::AbortHandle,
 }
 
 /// The refresh loop's source and timing. No source: nothing is configured, the set is empty.
@@ -865,7 +863,8 @@ impl SecretsHandle {
         self.status.borrow().clone()
     }
 
-    /// A receiver for status updates (every attempt), e.g. for the systemd status line.
+    /// A receiver for status updates (every attempt).
+    #[cfg(test)]
     pub fn subscribe_status(&self) -> watch::Receiver<SecretsStatus> {
         self.status.clone()
     }
@@ -880,12 +879,6 @@ impl SecretsHandle {
             s.source = source;
             s.timing.interval = interval;
         });
-    }
-
-    /// Stops refreshing; the current set stays readable. The loop otherwise runs until the
-    /// runtime shuts down.
-    pub fn stop(&self) {
-        self.task.abort();
     }
 }
 
@@ -959,12 +952,12 @@ fn spawn_loop(source: Option<SecretsSource>, timing: RefreshTiming, initial: Sec
     let (set_tx, set_rx) = watch::channel(Arc::new(initial));
     let (status_tx, status_rx) = watch::channel(status);
     let (control_tx, control_rx) = watch::channel(Settings { source, timing });
-    let task = tokio::spawn(refresh_loop(control_rx, set_tx, status_tx)).abort_handle();
+    // The loop runs until the runtime shuts down.
+    tokio::spawn(refresh_loop(control_rx, set_tx, status_tx));
     SecretsHandle {
         secrets: set_rx,
         status: status_rx,
         control: Arc::new(control_tx),
-        task,
     }
 }
 
