@@ -172,15 +172,28 @@ fn strip_hop_by_hop(headers: &mut HeaderMap) {
     if !headers.keys().any(is_hop) {
         return;
     }
-    let mut doomed: Vec<HeaderName> = headers
+    // Names the `Connection` header lists, beyond its usual `keep-alive` / `close` /
+    // `upgrade` (which name no header, or one removed below anyway): rare, so only then
+    // do we parse and allocate.
+    let named: Vec<HeaderName> = headers
         .get_all(header::CONNECTION)
         .iter()
         .filter_map(|v| v.to_str().ok())
         .flat_map(|v| v.split(','))
-        .filter_map(|t| HeaderName::from_bytes(t.trim().as_bytes()).ok())
+        .map(str::trim)
+        .filter(|t| !["keep-alive", "close", "upgrade", ""].iter().any(|c| t.eq_ignore_ascii_case(c)))
+        .filter_map(|t| HeaderName::from_bytes(t.as_bytes()).ok())
         .collect();
-    doomed.extend(headers.keys().filter(|k| is_hop(k)).cloned());
-    for name in doomed {
+    for name in named {
+        headers.remove(name);
+    }
+    // Remove only the hop-by-hop names present (each removal hashes), gathered without a
+    // heap allocation: there are at most nine.
+    let mut present: [Option<HeaderName>; 9] = Default::default();
+    for (slot, name) in present.iter_mut().zip(headers.keys().filter(|k| is_hop(k))) {
+        *slot = Some(name.clone());
+    }
+    for name in present.into_iter().flatten() {
         headers.remove(name);
     }
 }
