@@ -231,6 +231,9 @@ pub fn render(r: &StatusReport) -> String {
         let image = a.status.image_id.as_deref().map(|i| &i[..i.len().min(19)]).unwrap_or("-");
         let port = a.status.port.map(|p| p.to_string()).unwrap_or_else(|| "-".into());
         let _ = writeln!(w, "{name:<14} {health:<9} {container:<14} {image:<21} {port:>6} {:>8}  {}", a.status.restarts, a.problem.as_deref().unwrap_or(&a.status.state));
+        if let Some(u) = &a.status.upstream {
+            let _ = writeln!(w, "{:<14} requests go to {u}", "");
+        }
         if let Some(e) = &a.status.last_exit {
             let _ = writeln!(w, "{:<14} last exit: {e}", "");
         }

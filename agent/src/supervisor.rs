@@ -52,7 +52,11 @@ pub struct AppStatus {
     pub container_id: Option<String>,
     pub image: String,
     pub image_id: Option<String>,
+    /// The port Docker published on 127.0.0.1 (for `curl` while debugging).
     pub port: Option<u16>,
+    /// Where berth sends the app's requests: the container's own address.
+    #[serde(default)]
+    pub upstream: Option<String>,
     pub restarts: u64,
     pub last_exit: Option<String>,
     pub last_rollout: Option<String>,
@@ -1383,6 +1387,7 @@ impl AppTask {
             .and_then(|c| c.image.clone())
             .unwrap_or_else(|| self.config.image.clone());
         s.port = published_addr(info, self.config.port).map(|a| a.port());
+        s.upstream = app_addr(info, self.config.port).map(|a| a.to_string());
     }
 
     fn set_state(&self, state: &str, healthy: bool) {

@@ -110,6 +110,14 @@ max_backoff = "1s"
     let v: serde_json::Value = serde_json::from_str(&json).unwrap();
     assert_eq!(v["apps"][&app.name]["restarts"], 1, "{json}");
     assert_eq!(v["apps"][&app.name]["healthy"], true, "{json}");
+    // Requests go to the container's own address, as Docker reports it.
+    let ip = std::process::Command::new("docker")
+        .args(["inspect", "-f", "{{range .NetworkSettings.Networks}}{{.IPAddress}}{{end}}", &id])
+        .output()
+        .unwrap();
+    let upstream = format!("{}:8080", String::from_utf8_lossy(&ip.stdout).trim());
+    assert_eq!(v["apps"][&app.name]["upstream"], upstream.as_str(), "{json}");
+    assert!(out.contains(&format!("requests go to {upstream}")), "{out}");
 
     // berth deploy: a new image rolls out and the command waits for it.
     let (code, out, err) = berth_cmd(&["deploy", &app.name, "--image", "berth-testapp:v2"], &cfg);
