@@ -43,6 +43,8 @@ pub enum UpstreamError {
     Handshake { addr: SocketAddr, source: hyper::Error },
     #[error("{source}")]
     Request { source: hyper::Error },
+    #[error("the connection pool was shut down")]
+    PoolClosed,
 }
 
 impl UpstreamError {
@@ -106,9 +108,9 @@ impl ConnPool {
         timeouts: PoolTimeouts,
         upgrade: bool,
     ) -> Result<Response<PooledBody>, UpstreamError> {
-        // Closed only if the pool is dropped, which cannot happen while `self` is borrowed.
-        let permit = self.in_use.clone().acquire_owned().await.expect("the pool's semaphore is never closed");
-        let replay = replayable_head(&req);
+        // The semaphore is never closed, so this waits for a free slot and cannot fail.
+        let permit = self.in_use.clone().acquire_owned().await.map_err(|_| UpstreamError::PoolClosed)?;
+        let mut replay = replayable_head(&req);
         let mut req = req.map(UpstreamBody::Client);
         while let Some(mut sender) = self.checkout(timeouts.idle) {
             if sender.ready().await.is_err() {
@@ -116,15 +118,18 @@ impl ConnPool {
             }
             match sender.try_send_request(req).await {
                 Ok(resp) => return Ok(self.wrap(resp, sender, permit, upgrade)),
-                Err(mut e) => match (e.take_message(), &replay) {
-                    (Some(unsent), _) => req = unsent,
-                    (None, Some(head)) => {
-                        tracing::debug!(upstream = %addr, error = %e.error(), "kept-alive connection failed; sending the idempotent request again");
-                        req = Request::from_parts(head.clone(), UpstreamBody::Empty);
-                        break;
+                Err(mut e) => {
+                    if let Some(unsent) = e.take_message() {
+                        req = unsent;
+                        continue;
                     }
-                    (None, None) => return Err(UpstreamError::Request { source: e.into_error() }),
-                },
+                    let Some(head) = replay.take() else {
+                        return Err(UpstreamError::Request { source: e.into_error() });
+                    };
+                    tracing::debug!(upstream = %addr, error = %e.error(), "kept-alive connection failed; sending the idempotent request again");
+                    req = Request::from_parts(head, UpstreamBody::Empty);
+                    break;
+                }
             }
         }
         // Boxed: connecting is the cold path, and its future is large; unboxed it would make
