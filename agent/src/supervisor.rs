@@ -1050,12 +1050,7 @@ impl AppTask {
     }
 
     async fn liveness(&self, id: &str) -> Liveness {
-        match self
-            .shared
-            .docker
-            .inspect_container(id, None::<InspectContainerOptions>)
-            .await
-        {
+        match self.inspect(id).await {
             Ok(info) if info.state.as_ref().and_then(|s| s.running).unwrap_or(false) => Liveness::Running,
             Ok(_) => Liveness::NotRunning,
             Err(e) if docker_unreachable(&e) => Liveness::Unknown,
@@ -1147,20 +1142,12 @@ impl AppTask {
             }
             return;
         };
-        let info = match self
-            .shared
-            .docker
-            .inspect_container(&cur.id, None::<InspectContainerOptions>)
-            .await
-        {
+        let info = match self.inspect(&cur.id).await {
             Ok(info) => info,
             Err(e) if docker_unreachable(&e) => return,
             Err(_) => {
                 tracing::warn!(app = %self.name, container_id = %short(&cur.id), "the container is gone after the Docker restart; starting a new one");
-                self.current = None;
-                if let Err(e) = self.rollout(None, false).await {
-                    self.set_state(&format!("failed to start: {e:#}"), false);
-                }
+                self.replace_container().await;
                 return;
             }
         };
@@ -1194,10 +1181,7 @@ impl AppTask {
             Err(e) if docker_unreachable(&e) => {}
             Err(e) => {
                 tracing::warn!(app = %self.name, error = %e, "cannot start the container again; creating a new one");
-                self.current = None;
-                if let Err(e) = self.rollout(None, false).await {
-                    self.set_state(&format!("failed to start: {e:#}"), false);
-                }
+                self.replace_container().await;
             }
         }
     }
@@ -1226,12 +1210,7 @@ impl AppTask {
         let Some(cur) = self.current.clone() else {
             return;
         };
-        let info = match self
-            .shared
-            .docker
-            .inspect_container(&cur.id, None::<InspectContainerOptions>)
-            .await
-        {
+        let info = match self.inspect(&cur.id).await {
             Ok(info) => Some(info),
             // Docker going away (its shutdown stops containers when live-restore is off):
             // not the app's fault; the resync after Docker returns restarts what is stopped.
@@ -1319,10 +1298,7 @@ impl AppTask {
             Err(e) => {
                 // The container itself is gone (removed by hand): start a fresh one.
                 tracing::warn!(app = %self.name, error = %e, "cannot restart the container; creating a new one");
-                self.current = None;
-                if let Err(e) = self.rollout(None, false).await {
-                    self.set_state(&format!("failed to start: {e:#}"), false);
-                }
+                self.replace_container().await;
             }
         }
     }
@@ -1333,12 +1309,18 @@ impl AppTask {
         self.set_state("serving", true);
     }
 
-    async fn inspect(&self, id: &str) -> anyhow::Result<ContainerInspectResponse> {
-        Ok(self
-            .shared
-            .docker
-            .inspect_container(id, None::<InspectContainerOptions>)
-            .await?)
+    /// Docker's view of a container; the error stays typed so callers can tell an Engine
+    /// that does not answer ([`docker_unreachable`]) from a container that is gone.
+    async fn inspect(&self, id: &str) -> Result<ContainerInspectResponse, bollard::errors::Error> {
+        self.shared.docker.inspect_container(id, None::<InspectContainerOptions>).await
+    }
+
+    /// The current container is gone or cannot be started: forget it and roll out a new one.
+    async fn replace_container(&mut self) {
+        self.current = None;
+        if let Err(e) = self.rollout(None, false).await {
+            self.set_state(&format!("failed to start: {e:#}"), false);
+        }
     }
 
     /// Stops (gracefully unless `force`) and removes a container of this app.

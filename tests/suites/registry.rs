@@ -89,27 +89,9 @@ fn pulls_with_basic_auth_from_ssm_and_names_an_auth_failure() {
     ssm_put(&format!("{prefix}/wrong"), "not-the-password");
 
     let start = |password_param: &str, app: &TestApp| {
-        let ports = Ports::pick();
-        let rest = format!(
-            r#"
-[aws]
-region = "us-east-1"
-endpoint_url = "{moto}"
-
-[apps.{name}]
-image = "{image}"
-port = 8080
-pull = "always"
-registry_auth = {{ username = "{prefix}/user", password = "{prefix}/{password_param}" }}
-[apps.{name}.health]
-path = "/health"
-interval = "300ms"
-"#,
-            moto = env("BERTH_TEST_MOTO_URL"),
-            name = app.name,
-        );
-        let cfg = dir.write(&format!("{}.toml", app.name), &config_toml(&dir, ports, "0s", "1s", &rest));
-        (Berth::spawn(Berth::command(&cfg), &dir), ports)
+        let auth = format!(r#"{{ username = "{prefix}/user", password = "{prefix}/{password_param}" }}"#);
+        let (berth, ports, _) = start_pulling(&dir, app, &image, &auth);
+        (berth, ports)
     };
 
     // Right credentials: pulled and serving.
@@ -188,29 +170,7 @@ fn pulls_with_an_ecr_token_from_moto_and_names_a_refused_token() {
     let bad_reg = start_registry(&bad_dir, "AWS", "not-what-ecr-hands-out");
     let bad_image = format!("127.0.0.1:{}/ecr-testapp:1", bad_reg.port);
 
-    let start = |image: &str, app: &TestApp| {
-        let ports = Ports::pick();
-        let rest = format!(
-            r#"
-[aws]
-region = "us-east-1"
-endpoint_url = "{moto}"
-
-[apps.{name}]
-image = "{image}"
-port = 8080
-pull = "always"
-registry_auth = "ecr"
-[apps.{name}.health]
-path = "/health"
-interval = "300ms"
-"#,
-            moto = env("BERTH_TEST_MOTO_URL"),
-            name = app.name,
-        );
-        let cfg = dir.write(&format!("{}.toml", app.name), &config_toml(&dir, ports, "0s", "1s", &rest));
-        (Berth::spawn(Berth::command(&cfg), &dir), ports, cfg)
-    };
+    let start = |image: &str, app: &TestApp| start_pulling(&dir, app, image, r#""ecr""#);
 
     let good = TestApp::new("ecr");
     let (berth, ports, _) = start(&image, &good);
@@ -246,4 +206,30 @@ interval = "300ms"
     assert!(state.contains(&registry), "{state}");
     assert_eq!(curl(&[&format!("http://127.0.0.1:{}/_berth/health", ports.http)]).0, 503);
     assert!(bad.containers(false).is_empty(), "no container without an image");
+}
+
+/// berth with one app that pulls `image` (always) with `registry_auth = <auth>`, AWS calls
+/// going to moto. Returns berth, its ports and its config file.
+fn start_pulling(dir: &TestDir, app: &TestApp, image: &str, auth: &str) -> (Berth, Ports, std::path::PathBuf) {
+    let ports = Ports::pick();
+    let rest = format!(
+        r#"
+[aws]
+region = "us-east-1"
+endpoint_url = "{moto}"
+
+[apps.{name}]
+image = "{image}"
+port = 8080
+pull = "always"
+registry_auth = {auth}
+[apps.{name}.health]
+path = "/health"
+interval = "300ms"
+"#,
+        moto = env("BERTH_TEST_MOTO_URL"),
+        name = app.name,
+    );
+    let cfg = dir.write(&format!("{}.toml", app.name), &config_toml(dir, ports, "0s", "1s", &rest));
+    (Berth::spawn(Berth::command(&cfg), dir), ports, cfg)
 }
