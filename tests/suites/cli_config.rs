@@ -64,6 +64,15 @@ fn assert_config_error(cmd: &str, src: &str, key: &str, line: usize, also: &str)
     o.stderr
 }
 
+/// `src` with the single occurrence of `from` replaced. Panics when `from` is absent or
+/// ambiguous: an edit that changes nothing would test the good config and pass silently.
+fn replace_once(src: &str, from: &str, to: &str) -> String {
+    assert_eq!(src.matches(from).count(), 1, "edit must match exactly once: {from:?} in:\n{src}");
+    let out = src.replacen(from, to, 1);
+    assert_ne!(out, src, "edit {from:?} -> {to:?} changed nothing");
+    out
+}
+
 fn line_of(src: &str, needle: &str) -> usize {
     src.lines().position(|l| l.contains(needle)).expect("needle in source") + 1
 }
@@ -211,10 +220,12 @@ fn invalid_domain() {
 
 #[test]
 fn files_mode_without_files() {
-    let src = GOOD
-        .replace("mode = \"acme\"", "mode = \"files\"")
-        .replace("[tls.acme]\ncontact = [\"mailto:ops@example.com\"]\nshared = \"/myapp/prod/berth\"\n", "");
-    assert_config_error("check", &src, "tls.mode", line_of(&src, "mode = \"files\""), "needs tls.cert_file");
+    let src = replace_once(GOOD, "mode = \"acme\"", "mode = \"files\"");
+    // Without [tls.acme] the only problem left is the missing files, not a stray ACME table.
+    let src = replace_once(&src, "[tls.acme]\ncontact = [\"mailto:ops@example.com\"]\nshared = \"/myapp/berth\"\n", "");
+    let stderr = assert_config_error("check", &src, "tls.mode", line_of(&src, "mode = \"files\""), "needs tls.cert_file");
+    assert!(stderr.contains("needs tls.key_file"), "{stderr}");
+    assert!(!stderr.contains("`tls.acme`"), "the [tls.acme] table should be gone:\n{stderr}");
 }
 
 #[test]
