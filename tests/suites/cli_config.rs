@@ -463,6 +463,7 @@ fn every_validation_error_names_key_and_line() {
         ),
         case("memory not a size", vec![rep("port = 9000", "port = 9000\nmemory = \"lots\"")], "apps.admin.memory", "memory", "is not a size like \"512m\""),
         case("memory below Docker's minimum", vec![rep("port = 9000", "port = 9000\nmemory = \"1k\"")], "apps.admin.memory", "memory", "is below Docker's minimum of 6m"),
+        case("memory overflowing", vec![rep("port = 9000", "port = 9000\nmemory = \"99999999999g\"")], "apps.admin.memory", "memory", "is too large"),
         case("cpus zero", vec![rep("port = 9000", "port = 9000\ncpus = 0.0")], "apps.admin.cpus", "cpus", "must be greater than 0"),
         case("cpus above 1024", vec![rep("port = 9000", "port = 9000\ncpus = 2000.0")], "apps.admin.cpus", "cpus", "at most 1024"),
         case("relative health.path", vec![rep("path = \"/health\"", "path = \"health\"")], "apps.web.health.path", "\"health\"", "must start with '/'"),
