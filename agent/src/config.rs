@@ -721,7 +721,7 @@ impl Config {
             }
             if let Some(cpus) = app.cpus {
                 if !(cpus > 0.0 && cpus <= 1024.0) {
-                    v.err(format!("{base}.cpus"), format!("{cpus} must be greater than 0"));
+                    v.err(format!("{base}.cpus"), format!("{cpus} must be greater than 0 and at most 1024"));
                 }
             }
             let h = &app.health;

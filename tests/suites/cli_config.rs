@@ -64,6 +64,15 @@ fn assert_config_error(cmd: &str, src: &str, key: &str, line: usize, also: &str)
     o.stderr
 }
 
+/// `src` with the single occurrence of `from` replaced. Panics when `from` is absent or
+/// ambiguous: an edit that changes nothing would test the good config and pass silently.
+fn replace_once(src: &str, from: &str, to: &str) -> String {
+    assert_eq!(src.matches(from).count(), 1, "edit must match exactly once: {from:?} in:\n{src}");
+    let out = src.replacen(from, to, 1);
+    assert_ne!(out, src, "edit {from:?} -> {to:?} changed nothing");
+    out
+}
+
 fn line_of(src: &str, needle: &str) -> usize {
     src.lines().position(|l| l.contains(needle)).expect("needle in source") + 1
 }
@@ -171,7 +180,8 @@ fn route_without_host() {
 #[test]
 fn route_claimed_twice() {
     let src = GOOD.replace("routes = [\"www.example.com/admin/\"]", "routes = [\"api.example.com/\"]");
-    let line = src.lines().enumerate().filter(|(_, l)| l.contains("routes = [\"api.example.com/\"]")).nth(0).unwrap().0 + 1;
+    // The first of the two identical lines is web's: [apps.web] comes first in the file.
+    let line = line_of(&src, "routes = [\"api.example.com/\"]");
     // BTreeMap order: `admin` is checked before `web`, so `web` is the duplicate.
     assert_config_error("check", &src, "apps.web.routes[0]", line, "already routed to app admin");
 }
@@ -211,10 +221,12 @@ fn invalid_domain() {
 
 #[test]
 fn files_mode_without_files() {
-    let src = GOOD
-        .replace("mode = \"acme\"", "mode = \"files\"")
-        .replace("[tls.acme]\ncontact = [\"mailto:ops@example.com\"]\nshared = \"/myapp/prod/berth\"\n", "");
-    assert_config_error("check", &src, "tls.mode", line_of(&src, "mode = \"files\""), "needs tls.cert_file");
+    let src = replace_once(GOOD, "mode = \"acme\"", "mode = \"files\"");
+    // Without [tls.acme] the only problem left is the missing files, not a stray ACME table.
+    let src = replace_once(&src, "[tls.acme]\ncontact = [\"mailto:ops@example.com\"]\nshared = \"/myapp/berth\"\n", "");
+    let stderr = assert_config_error("check", &src, "tls.mode", line_of(&src, "mode = \"files\""), "needs tls.cert_file");
+    assert!(stderr.contains("needs tls.key_file"), "{stderr}");
+    assert!(!stderr.contains("`tls.acme`"), "the [tls.acme] table should be gone:\n{stderr}");
 }
 
 #[test]
@@ -283,4 +295,206 @@ fn access_rules_name_secrets_and_networks() {
     );
     let stderr = assert_config_error("check", &src, "apps.web.access.allow[1]", line_of(&src, "not-a-net"), "is not an address or network");
     assert!(stderr.contains("`apps.web.access.api_keys[0]`") && stderr.contains("must name a secret"), "{stderr}");
+}
+
+/// One change to [`GOOD`]: replace text that occurs exactly once, or append whole tables.
+enum Edit {
+    Replace(&'static str, String),
+    Append(String),
+}
+
+fn rep(from: &'static str, to: impl Into<String>) -> Edit {
+    Edit::Replace(from, to.into())
+}
+
+fn app(text: &str) -> Edit {
+    Edit::Append(text.to_string())
+}
+
+/// One invalid config and the problem `berth check` must report for it.
+struct Case {
+    name: &'static str,
+    edits: Vec<Edit>,
+    /// The key path as printed between backticks.
+    key: &'static str,
+    /// Text occurring exactly once in the edited config, on the line the problem must name.
+    at: &'static str,
+    /// Part of the message.
+    phrase: &'static str,
+}
+
+fn case(name: &'static str, edits: Vec<Edit>, key: &'static str, at: &'static str, phrase: &'static str) -> Case {
+    Case { name, edits, key, at, phrase }
+}
+
+/// Applies the edits, failing if one of them would leave the text as it was.
+fn apply(edits: &[Edit]) -> Result<String, String> {
+    let mut src = GOOD.to_string();
+    for edit in edits {
+        match edit {
+            Edit::Replace(from, to) => {
+                let n = src.matches(from).count();
+                if n != 1 {
+                    return Err(format!("edit target {from:?} occurs {n} times in the config, not once"));
+                }
+                let next = src.replacen(from, to, 1);
+                if next == src {
+                    return Err(format!("edit {from:?} -> {to:?} changed nothing"));
+                }
+                src = next;
+            }
+            Edit::Append(text) => src = format!("{src}\n{text}"),
+        }
+    }
+    Ok(src)
+}
+
+/// Runs `berth check` on one case; `Err` says what was wrong and shows the whole output.
+fn check_case(c: &Case) -> Result<(), String> {
+    let src = apply(&c.edits)?;
+    let hits: Vec<usize> = src.lines().enumerate().filter(|(_, l)| l.contains(c.at)).map(|(i, _)| i + 1).collect();
+    let [line] = hits[..] else {
+        return Err(format!("{:?} must occur on exactly one line of the edited config, found on {hits:?}", c.at));
+    };
+    let dir = TestDir::new();
+    let path = dir.write("berth.toml", &src);
+    let o = berth(&["check", "-c", path.to_str().unwrap()]);
+    // Key, line and phrase must be on the same problem line, not scattered over several.
+    let located = format!("{}:{line}:", path.display());
+    let key = format!("`{}`", c.key);
+    let named = o.stderr.lines().any(|l| l.contains(&located) && l.contains(&key) && l.contains(c.phrase));
+    let mut wrong = Vec::new();
+    if o.code != 78 {
+        wrong.push(format!("exit {} instead of 78", o.code));
+    }
+    if !named {
+        wrong.push(format!("no problem line with {located}, {key} and {:?}", c.phrase));
+    }
+    if !o.stdout.is_empty() {
+        wrong.push("output on stdout".to_string());
+    }
+    if wrong.is_empty() {
+        return Ok(());
+    }
+    Err(format!("{}\n--- config\n{src}--- stdout\n{}--- stderr\n{}", wrong.join("; "), o.stdout, o.stderr))
+}
+
+/// Every check in `Config::validate` (and the serde errors the tests above do not cover),
+/// each through the real binary: exit 78, the key path, its line, and what is wrong.
+#[test]
+fn every_validation_error_names_key_and_line() {
+    // 64 characters: one more than a container name label may have.
+    let long: &'static str = "a".repeat(64).leak();
+    let long_key: &'static str = format!("apps.{long}").leak();
+    let cases = vec![
+        // [agent]
+        case("relative state_dir", vec![rep("drain_delay = \"1s\"", "drain_delay = \"1s\"\nstate_dir = \"var/lib/berth\"")], "agent.state_dir", "state_dir", "must be an absolute path"),
+        case("relative admin_socket", vec![rep("drain_delay = \"1s\"", "drain_delay = \"1s\"\nadmin_socket = \"admin.sock\"")], "agent.admin_socket", "admin_socket", "must be an absolute path"),
+        case("bad metrics_listen", vec![rep("drain_delay = \"1s\"", "drain_delay = \"1s\"\nmetrics_listen = \"9180\"")], "agent.metrics_listen", "metrics_listen", "is not an address"),
+        // [aws]
+        case("endpoint_url without scheme", vec![app("[aws]\nendpoint_url = \"localhost:4566\"\n")], "aws.endpoint_url", "endpoint_url", "must be an http:// or https:// URL"),
+        case("bad region", vec![app("[aws]\nregion = \"US East\"\n")], "aws.region", "region", "is not a region name like \"us-east-1\""),
+        // [secrets]
+        case("relative secrets.path", vec![rep("path = \"/myapp/prod/\"", "path = \"myapp/prod/\"")], "secrets.path", "myapp/prod/", "must start with '/'"),
+        case("parameter name is a path", vec![rep("[\"/shared/GITHUB_TOKEN\", ", "[\"/shared/GITHUB_TOKEN\", \"/shared/\", ")], "secrets.parameters[1]", "parameters =", "is not a parameter name"),
+        // [http]
+        case("bad http.listen", vec![app("[http]\nlisten = \"80\"\n")], "http.listen", "listen = \"80\"", "is not an address"),
+        case("access_log_sample above 1", vec![app("[http]\naccess_log_sample = 1.5\n")], "http.access_log_sample", "access_log_sample", "must be between 0.0 and 1.0"),
+        case("relative health_path", vec![app("[http]\nhealth_path = \"healthz\"\n")], "http.health_path", "health_path", "must start with '/'"),
+        case("health_path under acme-challenge", vec![app("[http]\nhealth_path = \"/.well-known/acme-challenge/h\"\n")], "http.health_path", "health_path", "must not be under /.well-known/acme-challenge/"),
+        // [tls]
+        case("domain listed twice", vec![rep("\"www.example.com\"]", "\"www.example.com\", \"API.example.com\"]")], "tls.domains[2]", "domains =", "\"API.example.com\" is listed twice"),
+        case("empty domain", vec![rep("\"www.example.com\"]", "\"www.example.com\", \"\"]")], "tls.domains[2]", "domains =", "\"\" is not a domain name"),
+        case("IP address as domain", vec![rep("\"www.example.com\"]", "\"www.example.com\", \"10.0.0.1\"]")], "tls.domains[2]", "domains =", "is an IP address"),
+        case("acme.directory not a URL", vec![rep("[tls.acme]\n", "[tls.acme]\ndirectory = \"acme-v02.api.letsencrypt.org/directory\"\n")], "tls.acme.directory", "directory =", "must be the ACME directory URL"),
+        case("acme.contact without mailto", vec![rep("\"mailto:ops@example.com\"", "\"mailto:ops@example.com\", \"ops@example.com\"")], "tls.acme.contact[1]", "contact =", "must look like \"mailto:ops@example.com\""),
+        case("acme.shared not a prefix", vec![rep("shared = \"/myapp/berth\"", "shared = \"myapp/berth/\"")], "tls.acme.shared", "shared =", "must be an SSM prefix"),
+        case(
+            "files mode without key_file",
+            vec![
+                rep("mode = \"acme\"", "mode = \"files\"\ncert_file = \"/etc/berth/cert.pem\""),
+                rep("[tls.acme]\ncontact = [\"mailto:ops@example.com\"]\nshared = \"/myapp/berth\"\n", ""),
+            ],
+            "tls.mode",
+            "mode = \"files\"",
+            "needs tls.key_file",
+        ),
+        case("cert_file outside files mode", vec![rep("mode = \"acme\"", "mode = \"acme\"\ncert_file = \"/etc/berth/cert.pem\"")], "tls.cert_file", "cert_file", "only used with tls.mode = \"files\" (mode is \"acme\")"),
+        case("key_file outside files mode", vec![rep("mode = \"acme\"", "mode = \"acme\"\nkey_file = \"/etc/berth/key.pem\"")], "tls.key_file", "key_file", "only used with tls.mode = \"files\""),
+        case("[tls.acme] with another mode", vec![rep("mode = \"acme\"", "mode = \"self-signed\"")], "tls.acme", "[tls.acme]", "[tls.acme] is set but tls.mode is \"self-signed\""),
+        // [apps.*]
+        case(
+            "app name ends with '-'",
+            vec![rep("[apps.web]", "[apps.web-]"), rep("[apps.web.health]", "[apps.web-.health]")],
+            "apps.web-",
+            "[apps.web-]",
+            "must not start or end with '-'",
+        ),
+        case("app name too long", vec![Edit::Append(format!("[{long_key}]\nimage = \"x:1\"\nport = 1\nroutes = [\"long.example.com/\"]\n"))], long_key, long, "must be 1 to 63 characters"),
+        case("image with a space", vec![rep("web:1.2.3\"", "web 1.2.3\"")], "apps.web.image", "web 1.2.3", "is not an image reference"),
+        case(
+            "two apps without routes",
+            vec![rep("routes = [\"api.example.com/\"]\n", ""), rep("routes = [\"www.example.com/admin/\"]\n", "")],
+            "apps.web.routes",
+            "[apps.web]",
+            "apps admin and web both have no routes",
+        ),
+        case("route without '/'", vec![rep("[\"api.example.com/\"]", "[\"api.example.com\"]")], "apps.web.routes[0]", "\"api.example.com\"]", "must be \"host/prefix\""),
+        case("route with an invalid host", vec![rep("[\"api.example.com/\"]", "[\"api_example.com/\"]")], "apps.web.routes[0]", "api_example", "has an invalid host"),
+        case("route with an invalid prefix", vec![rep("[\"api.example.com/\"]", "[\"api.example.com/a b\"]")], "apps.web.routes[0]", "/a b", "has an invalid path prefix"),
+        case("invalid env name", vec![rep("LOG_LEVEL = \"info\"", "LOG_LEVEL = \"info\", \"1BAD\" = \"x\"")], "apps.web.env.1BAD", "1BAD", "is not a valid environment variable name"),
+        case("env hides a secret", vec![rep("LOG_LEVEL = \"info\"", "LOG_LEVEL = \"info\", GITHUB_TOKEN = \"x\"")], "apps.web.env.GITHUB_TOKEN", "env =", "GITHUB_TOKEN is also a secret from secrets.parameters"),
+        case("app secret not a mapped name", vec![rep("secrets = [\"GITHUB_TOKEN\"]", "secrets = [\"GITHUB_TOKEN\", \"db-password\"]")], "apps.admin.secrets[1]", "db-password", "is not a mapped secret name"),
+        case(
+            "app secrets without [secrets]",
+            vec![rep("path = \"/myapp/prod/\"\nparameters = [\"/shared/GITHUB_TOKEN\", \"/aws/reference/secretsmanager/myapp/db\"]\n", "")],
+            "apps.admin.secrets",
+            "secrets = [\"GITHUB_TOKEN\"]",
+            "names secrets but [secrets] has neither path nor parameters",
+        ),
+        case("app secrets neither \"all\" nor a list", vec![rep("secrets = [\"GITHUB_TOKEN\"]", "secrets = \"some\"")], "apps.admin.secrets", "secrets = \"some\"", "\"all\" or a list of secret names"),
+        case("registry_auth unknown", vec![rep("port = 8050", "port = 8050\nregistry_auth = \"basic\"")], "apps.web.registry_auth", "registry_auth", "\"none\", \"ecr\", or"),
+        case(
+            "registry_auth password as a value",
+            vec![rep("port = 8050", "port = 8050\nregistry_auth = { username = \"/ci/user\", password = \"hunter2!\" }")],
+            "apps.web.registry_auth.password",
+            "registry_auth",
+            "must be an SSM parameter name, not a value",
+        ),
+        case("memory not a size", vec![rep("port = 9000", "port = 9000\nmemory = \"lots\"")], "apps.admin.memory", "memory", "is not a size like \"512m\""),
+        case("memory below Docker's minimum", vec![rep("port = 9000", "port = 9000\nmemory = \"1k\"")], "apps.admin.memory", "memory", "is below Docker's minimum of 6m"),
+        case("memory overflowing", vec![rep("port = 9000", "port = 9000\nmemory = \"99999999999g\"")], "apps.admin.memory", "memory", "is too large"),
+        case("cpus zero", vec![rep("port = 9000", "port = 9000\ncpus = 0.0")], "apps.admin.cpus", "cpus", "must be greater than 0"),
+        case("cpus above 1024", vec![rep("port = 9000", "port = 9000\ncpus = 2000.0")], "apps.admin.cpus", "cpus", "at most 1024"),
+        case("relative health.path", vec![rep("path = \"/health\"", "path = \"health\"")], "apps.web.health.path", "\"health\"", "must start with '/'"),
+        case("health interval zero", vec![rep("path = \"/health\"", "path = \"/health\"\ninterval = \"0s\"")], "apps.web.health.interval", "interval", "must be greater than 0s"),
+        case("health timeout zero", vec![rep("path = \"/health\"", "path = \"/health\"\ntimeout = \"0s\"")], "apps.web.health.timeout", "timeout", "must be greater than 0s"),
+        case("healthy_threshold zero", vec![rep("path = \"/health\"", "path = \"/health\"\nhealthy_threshold = 0")], "apps.web.health.healthy_threshold", "healthy_threshold", "must be at least 1"),
+        case("unhealthy_threshold zero", vec![rep("path = \"/health\"", "path = \"/health\"\nunhealthy_threshold = 0")], "apps.web.health.unhealthy_threshold", "unhealthy_threshold", "must be at least 1"),
+        case("restart backoff zero", vec![app("[apps.web.restart]\ninitial_backoff = \"0s\"\n")], "apps.web.restart.initial_backoff", "initial_backoff", "must be greater than 0s"),
+        case(
+            "restart max below initial",
+            vec![app("[apps.web.restart]\ninitial_backoff = \"10s\"\nmax_backoff = \"5s\"\n")],
+            "apps.web.restart.max_backoff",
+            "max_backoff",
+            "5s is less than initial_backoff 10s",
+        ),
+        case("trusted_proxies not a network", vec![app("[apps.web.access]\ntrusted_proxies = [\"alb\"]\n")], "apps.web.access.trusted_proxies[0]", "trusted_proxies", "is not an address or network"),
+        case("basic_auth password as a value", vec![app("[apps.web.access]\nbasic_auth = { ops = \"hunter2\" }\n")], "apps.web.access.basic_auth.ops", "basic_auth", "must name a secret"),
+        case("basic_auth user with ':'", vec![app("[apps.web.access]\nbasic_auth = { \"ops:x\" = \"OPS_PASSWORD\" }\n")], "apps.web.access.basic_auth", "basic_auth", "must be non-empty and contain no ':'"),
+        case(
+            "access key without [secrets]",
+            vec![
+                rep("path = \"/myapp/prod/\"\nparameters = [\"/shared/GITHUB_TOKEN\", \"/aws/reference/secretsmanager/myapp/db\"]\n", ""),
+                rep("secrets = [\"GITHUB_TOKEN\"]\n", ""),
+                app("[apps.web.access]\napi_keys = [\"API_KEY\"]\n"),
+            ],
+            "apps.web.access.api_keys[0]",
+            "api_keys",
+            "names a secret but [secrets] has neither path nor parameters",
+        ),
+    ];
+
+    let failures: Vec<String> = cases.iter().filter_map(|c| check_case(c).err().map(|why| format!("=== {}: {why}", c.name))).collect();
+    assert!(failures.is_empty(), "{} of {} cases failed:\n{}", failures.len(), cases.len(), failures.join("\n"));
 }

@@ -32,7 +32,14 @@ fn notifies_systemd_and_stops_cleanly_on_sigterm() {
     let mut berth = Berth::spawn(cmd, &dir);
 
     assert!(notify.wait_for("READY=1", Duration::from_secs(10)), "no READY=1; got {:?}\n{}", notify.received, berth.logs());
-    assert!(notify.received.iter().any(|l| l.starts_with("STATUS=")), "READY comes with a STATUS line: {:?}", notify.received);
+    // READY=1 and its STATUS= come in one datagram: the line `systemctl status berth` shows
+    // from the moment the unit counts as started. No apps, no secrets: nothing to wait for.
+    assert_eq!(
+        status_after(&notify.received, "READY=1"),
+        Some("serving: no apps configured"),
+        "READY must say what berth serves: {:?}",
+        notify.received
+    );
     // READY means the listeners answer.
     assert_eq!(health(ports.http).0, 200, "no apps configured: healthy");
 
@@ -50,6 +57,13 @@ fn notifies_systemd_and_stops_cleanly_on_sigterm() {
     let stop_started = Instant::now();
     berth.signal("TERM");
     assert!(notify.wait_for("STOPPING=1", Duration::from_secs(5)), "no STOPPING=1: {:?}", notify.received);
+    // The operator sees that berth is stopping and how long the listeners stay up.
+    assert_eq!(
+        status_after(&notify.received, "STOPPING=1"),
+        Some("stopping: draining for 1s 500ms"),
+        "STOPPING must say it drains, for drain_delay: {:?}",
+        notify.received
+    );
     let (code, body) = health(ports.http);
     assert_eq!(code, 503, "health must turn 503 as soon as the stop begins: {body}");
     assert!(body.contains("\"draining\":true"), "{body}");
@@ -57,6 +71,19 @@ fn notifies_systemd_and_stops_cleanly_on_sigterm() {
     assert_eq!(status.code(), Some(0), "clean stop exits 0\n{}", berth.logs());
     assert!(stop_started.elapsed() >= Duration::from_millis(1500), "listeners must stay up for drain_delay");
     assert_eq!(health(ports.http).0, 0, "listener is closed after the stop");
+    // Whatever berth said after STOPPING=1 (it may refresh the line while it drains), it
+    // must never claim again to be serving.
+    notify.wait_for("\u{0}never", Duration::from_millis(200));
+    let stopping = notify.received.iter().position(|l| l == "STOPPING=1").unwrap();
+    let later: Vec<&String> = notify.received[stopping..].iter().filter(|l| l.starts_with("STATUS=")).collect();
+    assert!(later.iter().all(|l| l.starts_with("STATUS=stopping")), "status after STOPPING=1: {later:?}");
+}
+
+/// The `STATUS=` text sent in the same datagram as `state` (sd_notify puts each state on
+/// its own line, in order, so it is the line right after the first `state`).
+fn status_after<'a>(received: &'a [String], state: &str) -> Option<&'a str> {
+    let at = received.iter().position(|l| l == state)?;
+    received.get(at + 1)?.strip_prefix("STATUS=")
 }
 
 #[test]
