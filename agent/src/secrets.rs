@@ -429,13 +429,15 @@ impl Call<'_> {
             || lower.contains("ciphertext")
             || lower.contains("customer master key");
         match code.as_str() {
-            _ if kms => SecretsError::Kms {
-                scope: self.scope_text(),
+            // Before the KMS check: KMS throttling during a fleet boot comes back as a
+            // ThrottlingException naming AWSKMS (or as KMS's own KMSThrottlingException),
+            // and it needs a retry, not an IAM fix.
+            _ if is_throttling(&code) => SecretsError::Throttled {
+                action,
                 message: format!("{code}: {message}"),
             },
-            "ThrottlingException" | "Throttling" | "ThrottledException" | "TooManyRequestsException"
-            | "RequestLimitExceeded" | "RequestThrottled" | "RequestThrottledException" => SecretsError::Throttled {
-                action,
+            _ if kms => SecretsError::Kms {
+                scope: self.scope_text(),
                 message: format!("{code}: {message}"),
             },
             "AccessDeniedException" | "AccessDenied" | "UnauthorizedOperation" | "NotAuthorized" => {
@@ -480,6 +482,23 @@ impl Call<'_> {
             },
         }
     }
+}
+
+/// Error codes AWS uses for "slow down", by the code alone: messages of throttled
+/// requests may name other services (AWSKMS) and must not change the classification.
+fn is_throttling(code: &str) -> bool {
+    // KMS forwards its own as `KMSThrottlingException` or `KMS.ThrottlingException`.
+    let code = code.strip_prefix("KMS.").or_else(|| code.strip_prefix("KMS")).unwrap_or(code);
+    matches!(
+        code,
+        "ThrottlingException"
+            | "Throttling"
+            | "ThrottledException"
+            | "TooManyRequestsException"
+            | "RequestLimitExceeded"
+            | "RequestThrottled"
+            | "RequestThrottledException"
+    )
 }
 
 fn with_slash(name: &str) -> String {

@@ -201,6 +201,12 @@ fn service_errors_are_classified_for_operators() {
 
     let t = c.classify_service("ThrottlingException".into(), "Rate exceeded".into(), 400);
     assert!(t.is_retryable() && t.kind() == "throttled", "{t}");
+    // KMS throttling behind a SecureString: retried, not sent to the IAM console.
+    for code in ["ThrottlingException", "KMSThrottlingException", "KMS.ThrottlingException"] {
+        let t = c.classify_service(code.into(), "Rate exceeded (Service: AWSKMS; Status Code: 400)".into(), 400);
+        assert!(t.is_retryable() && t.kind() == "throttled", "{code}: {t}");
+        assert!(!t.to_string().contains("kms:Decrypt"), "{t}");
+    }
     let s = c.classify_service("InternalServerError".into(), "oops".into(), 500);
     assert!(s.is_retryable() && s.kind() == "server", "{s}");
     let cred = c.classify_service("UnrecognizedClientException".into(), "The security token included in the request is invalid.".into(), 400);
@@ -436,6 +442,33 @@ async fn throttled_calls_are_retried_until_the_fetch_succeeds() {
     proxy.fail_next(5, Fault::internal());
     let set = src.fetch_with_retry(&FAST, |_, _| {}).await.expect("fetch after 500s");
     assert_eq!(set.len(), 3);
+}
+
+#[tokio::test]
+async fn kms_throttling_is_retried_until_the_fetch_succeeds() {
+    let Some(moto) = moto_url() else { return };
+    let p = unique_prefix("kms-throttle");
+    let name = format!("{p}/TOKEN");
+    seed(&moto, &[Op::Put { name: &name, kind: "SecureString", value: "v" }]);
+    let proxy = FaultProxy::start(&moto);
+    // What SSM relays when KMS rate-limits decryption during a fleet boot.
+    proxy.fail_next(
+        6,
+        Fault::new(
+            400,
+            "ThrottlingException",
+            "Rate exceeded (Service: AWSKMS; Status Code: 400; Error Code: ThrottlingException)",
+        ),
+    );
+    let src = source(&proxy.url(), None, &[&name]).await;
+    let mut retries = Vec::new();
+    let set = src
+        .fetch_with_retry(&FAST, |e, _| retries.push(e.kind()))
+        .await
+        .expect("fetch after KMS throttling");
+    assert_eq!(set.get("TOKEN").map(Secret::expose), Some("v"));
+    assert_eq!(proxy.faults(), 6);
+    assert!(!retries.is_empty() && retries.iter().all(|k| *k == "throttled"), "{retries:?}");
 }
 
 #[tokio::test]
