@@ -674,29 +674,30 @@ impl SecretsSource {
         }
         let mut missing: Vec<String> = Vec::new();
         for batch in wanted.chunks(GET_PARAMETERS_BATCH) {
-            let call = Call {
-                action: "ssm:GetParameters",
-                scope: Scope::Names(batch),
-                region,
-                endpoint: &self.endpoint,
+            let (params, invalid) = match self.get_parameters(batch, region).await {
+                // SSM (and moto) answer a missing Secrets Manager reference with
+                // ParameterNotFound for the whole call instead of listing it as invalid, so
+                // the error names every name in the batch. Asking one name at a time finds
+                // the missing ones; it costs extra calls only on a path that already fails.
+                Err(SecretsError::NotFound { .. }) if batch.len() == 1 => (Vec::new(), batch.to_vec()),
+                Err(SecretsError::NotFound { .. }) => {
+                    let mut params = Vec::new();
+                    let mut invalid = Vec::new();
+                    for name in batch {
+                        match self.get_parameters(std::slice::from_ref(name), region).await {
+                            Ok((p, i)) => {
+                                params.extend(p);
+                                invalid.extend(i);
+                            }
+                            Err(SecretsError::NotFound { .. }) => invalid.push(name.clone()),
+                            Err(e) => return Err(e),
+                        }
+                    }
+                    (params, invalid)
+                }
+                other => other?,
             };
-            let batch_start = Instant::now();
-            let out = self
-                .client
-                .get_parameters()
-                .set_names(Some(batch.to_vec()))
-                .with_decryption(true)
-                .send()
-                .await
-                .map_err(|e| call.classify(e))?;
-            let params = out.parameters.unwrap_or_default();
-            tracing::trace!(
-                count = params.len(),
-                requested = batch.len(),
-                elapsed_ms = batch_start.elapsed().as_millis() as u64,
-                "GetParameters batch"
-            );
-            missing.extend(out.invalid_parameters.unwrap_or_default());
+            missing.extend(invalid);
             // SSM echoes a name with a version/label selector (`/x:3`) as `/x` plus the
             // selector, and an ARN as the plain name: map each back to what was configured,
             // since that is what the env name (and config validation) is derived from.
@@ -725,6 +726,37 @@ impl SecretsSource {
             });
         }
         Ok(())
+    }
+
+    /// One GetParameters call: the parameters found and the names SSM listed as invalid.
+    async fn get_parameters(
+        &self,
+        names: &[String],
+        region: &str,
+    ) -> Result<(Vec<aws_sdk_ssm::types::Parameter>, Vec<String>), SecretsError> {
+        let call = Call {
+            action: "ssm:GetParameters",
+            scope: Scope::Names(names),
+            region,
+            endpoint: &self.endpoint,
+        };
+        let start = Instant::now();
+        let out = self
+            .client
+            .get_parameters()
+            .set_names(Some(names.to_vec()))
+            .with_decryption(true)
+            .send()
+            .await
+            .map_err(|e| call.classify(e))?;
+        let params = out.parameters.unwrap_or_default();
+        tracing::trace!(
+            count = params.len(),
+            requested = names.len(),
+            elapsed_ms = start.elapsed().as_millis() as u64,
+            "GetParameters batch"
+        );
+        Ok((params, out.invalid_parameters.unwrap_or_default()))
     }
 
     /// [`fetch`](Self::fetch), retried per `policy`; `on_retry` hears about every failed

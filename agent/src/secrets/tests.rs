@@ -324,6 +324,35 @@ async fn every_missing_parameter_is_named() {
 }
 
 #[tokio::test]
+async fn a_missing_secrets_manager_reference_is_named_alone() {
+    let Some(moto) = moto_url() else { return };
+    let p = unique_prefix("missing-ref");
+    let (a, b) = (format!("{p}/A"), format!("{p}/B"));
+    let present = format!("{}/present", &unique_prefix("sm")[1..]);
+    seed(
+        &moto,
+        &[
+            Op::Put { name: &a, kind: "SecureString", value: "va" },
+            Op::Put { name: &b, kind: "String", value: "vb" },
+            Op::Secret { name: &present, value: "vs" },
+        ],
+    );
+    let present_ref = format!("{SECRETS_MANAGER_REFERENCE}{present}");
+    let absent_ref = format!("{SECRETS_MANAGER_REFERENCE}{}/absent", &unique_prefix("sm")[1..]);
+    // One batch: SSM fails all of it with ParameterNotFound because of the one reference.
+    let err = source(&moto, None, &[&a, &absent_ref, &b, &present_ref])
+        .await
+        .fetch()
+        .await
+        .unwrap_err();
+    let msg = err.to_string();
+    assert!(matches!(&err, SecretsError::NotFound { names, .. } if names == &[absent_ref.clone()]), "{msg}");
+    for existing in [&a, &b, &present_ref] {
+        assert!(!msg.contains(existing.as_str()), "{existing} exists but is named: {msg}");
+    }
+}
+
+#[tokio::test]
 async fn an_empty_path_is_an_error_naming_it() {
     let Some(moto) = moto_url() else { return };
     let p = unique_prefix("empty");
