@@ -1003,8 +1003,30 @@ fn spawn_loop(source: Option<SecretsSource>, timing: RefreshTiming, initial: Sec
     let (set_tx, set_rx) = watch::channel(Arc::new(initial));
     let (status_tx, status_rx) = watch::channel(status);
     let (control_tx, control_rx) = watch::channel(Settings { source, timing });
-    // The loop runs until the runtime shuts down.
-    tokio::spawn(refresh_loop(control_rx, set_tx, status_tx));
+    let (set_tx, status_tx) = (Arc::new(set_tx), Arc::new(status_tx));
+    let on_panic = {
+        let status_tx = status_tx.clone();
+        move |message: String, restart_in: Duration| {
+            status_tx.send_modify(|s| {
+                s.last_error = Some(format!(
+                    "the secrets refresh loop panicked ({message}); restarting it in {}s",
+                    restart_in.as_secs()
+                ));
+                s.last_error_kind = Some("panic");
+                s.consecutive_failures = s.consecutive_failures.saturating_add(1);
+                s.next_refresh = None;
+                s.refresh_error += 1;
+            })
+        }
+    };
+    // Runs until the runtime shuts down. A panic in the loop would otherwise end refreshing
+    // silently, with the status frozen at its last report.
+    tokio::spawn(supervise(
+        "secrets refresh",
+        move || refresh_loop(control_rx.clone(), set_tx.clone(), status_tx.clone()),
+        on_panic,
+        Backoff::new(Duration::from_secs(1), Duration::from_secs(60)),
+    ));
     SecretsHandle {
         secrets: set_rx,
         status: status_rx,
@@ -1028,15 +1050,59 @@ async fn sleep_for(wait: Option<Duration>) {
     }
 }
 
+/// Runs the task `run` makes until it returns, making a new one (after `backoff`) each
+/// time one panics; `on_panic` hears the panic message and the delay before the restart.
+async fn supervise<F, Fut>(what: &'static str, mut run: F, mut on_panic: impl FnMut(String, Duration), mut backoff: Backoff)
+where
+    F: FnMut() -> Fut,
+    Fut: std::future::Future<Output = ()> + Send + 'static,
+{
+    loop {
+        let started = Instant::now();
+        let err = match tokio::spawn(run()).await {
+            Ok(()) => return,
+            // Cancelled: the runtime is shutting down.
+            Err(e) if !e.is_panic() => return,
+            Err(e) => e,
+        };
+        // A task that ran healthily for a while before panicking starts the backoff afresh.
+        if started.elapsed() > Duration::from_secs(600) {
+            backoff.reset();
+        }
+        let message = panic_message(err.into_panic());
+        let restart_in = backoff.next_delay();
+        tracing::error!(
+            task = what,
+            panic = %message,
+            restart_in_ms = restart_in.as_millis() as u64,
+            "task panicked; restarting it"
+        );
+        on_panic(message, restart_in);
+        tokio::time::sleep(restart_in).await;
+    }
+}
+
+fn panic_message(payload: Box<dyn std::any::Any + Send>) -> String {
+    payload
+        .downcast_ref::<&str>()
+        .map(|s| s.to_string())
+        .or_else(|| payload.downcast_ref::<String>().cloned())
+        .unwrap_or_else(|| "no message".into())
+}
+
 async fn refresh_loop(
     mut control: watch::Receiver<Settings>,
-    set_tx: watch::Sender<Arc<SecretSet>>,
-    status_tx: watch::Sender<SecretsStatus>,
+    set_tx: Arc<watch::Sender<Arc<SecretSet>>>,
+    status_tx: Arc<watch::Sender<SecretsStatus>>,
 ) {
+    // Also after a restart: `borrow_and_update` marks the settings seen, and the set
+    // last published is the one to compare against.
     let mut settings = control.borrow_and_update().clone();
     let mut backoff = settings.timing.backoff();
     let mut digest = set_tx.borrow().digest();
     let mut wait = next_wait(&settings);
+    // After a restart the status still shows the schedule of the loop that panicked.
+    status_tx.send_modify(|s| s.next_refresh = wait.and_then(|w| SystemTime::now().checked_add(w)));
     loop {
         // Runs for the daemon's lifetime even when nobody holds a receiver of the set (no
         // apps, say): the status and the metrics still report the refreshes.

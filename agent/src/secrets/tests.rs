@@ -620,6 +620,42 @@ fn zero_interval_fetches_once_and_never_refreshes() {
     });
 }
 
+#[tokio::test]
+async fn a_panicking_task_is_reported_and_restarted() {
+    use std::sync::atomic::{AtomicUsize, Ordering};
+    let runs = Arc::new(AtomicUsize::new(0));
+    let (done_tx, done_rx) = tokio::sync::oneshot::channel::<()>();
+    let mut done_tx = Some(done_tx);
+    let mut reported = Vec::new();
+    let run = {
+        let runs = runs.clone();
+        move || {
+            let n = runs.fetch_add(1, Ordering::SeqCst);
+            let done = if n == 0 { None } else { done_tx.take() };
+            async move {
+                if n == 0 {
+                    panic!("refresh broke");
+                }
+                if let Some(d) = done {
+                    let _ = d.send(());
+                }
+            }
+        }
+    };
+    let backoff = Backoff::new(Duration::from_millis(10), Duration::from_millis(10));
+    tokio::time::timeout(
+        Duration::from_secs(5),
+        supervise("test", run, |msg, wait| reported.push((msg, wait)), backoff),
+    )
+    .await
+    .expect("the restarted task ran to its end");
+    done_rx.await.expect("second run finished");
+    assert_eq!(runs.load(Ordering::SeqCst), 2);
+    assert_eq!(reported.len(), 1, "{reported:?}");
+    assert_eq!(reported[0].0, "refresh broke");
+    assert!(reported[0].1 <= Duration::from_millis(10));
+}
+
 /// Everything any crate logs during a fetch and a refresh that sees a change, at TRACE with
 /// no filter at all (so not relying on berth's log filter): no secret value may appear.
 ///
