@@ -12,7 +12,7 @@
 //! `LOG_SENSITIVE_BODIES=true` is set; berth's log filter (`logging::init`) holds the SDK's
 //! wire-level crates at info and drops that variable, so they stay out of berth's logs.
 
-use std::collections::{BTreeMap, BTreeSet, HashMap};
+use std::collections::{BTreeMap, BTreeSet, HashMap, HashSet};
 use std::fmt;
 use std::sync::Arc;
 use std::time::{Duration, Instant, SystemTime};
@@ -30,6 +30,9 @@ use crate::config::{env_name_for_parameter, env_name_under_path, Config, SecretS
 
 /// GetParameters takes at most 10 names per call.
 const GET_PARAMETERS_BATCH: usize = 10;
+/// GetParametersByPath pages followed before giving up: 10,000 parameters at SSM's 10 a
+/// page, far more than an app's environment, and a bound on a listing that never ends.
+const MAX_PAGES: u32 = 1_000;
 /// The prefix SSM uses for Secrets Manager references.
 const SECRETS_MANAGER_REFERENCE: &str = "/aws/reference/secretsmanager/";
 
@@ -613,6 +616,7 @@ impl SecretsSource {
             endpoint: &self.endpoint,
         };
         let mut token: Option<String> = None;
+        let mut seen: HashSet<String> = HashSet::new();
         let mut pages = 0u32;
         let mut count = 0usize;
         loop {
@@ -643,13 +647,26 @@ impl SecretsSource {
                 count += 1;
             }
             // A page may be short (even empty) and still have a token: only an absent or
-            // empty token ends the listing.
+            // empty token ends the listing. A token seen before would loop forever, and so
+            // would an endpoint that never stops handing out new ones.
             match out.next_token.filter(|t| !t.is_empty()) {
-                Some(next) if token.as_deref() == Some(next.as_str()) => {
+                Some(next) if !seen.insert(next.clone()) => {
                     return Err(SecretsError::Other {
                         action: call.action.into(),
-                        detail: format!("SSM returned the same NextToken twice for {path}; giving up on this listing"),
-                    })
+                        detail: format!(
+                            "SSM returned a NextToken it had returned before (after {pages} pages) while \
+                             listing {path}; giving up on this listing"
+                        ),
+                    });
+                }
+                Some(_) if pages >= MAX_PAGES => {
+                    return Err(SecretsError::Other {
+                        action: call.action.into(),
+                        detail: format!(
+                            "listing {path} did not end after {MAX_PAGES} pages; giving up (is the path \
+                             too broad, e.g. \"/\"?)"
+                        ),
+                    });
                 }
                 Some(next) => token = Some(next),
                 None => break,

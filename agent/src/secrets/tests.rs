@@ -352,6 +352,71 @@ async fn a_missing_secrets_manager_reference_is_named_alone() {
     }
 }
 
+/// A stand-in for SSM that answers every GetParametersByPath with one parameter and the
+/// NextToken `token(request number)`. In-process rather than moto because moto's
+/// pagination is correct: it cannot be made to return a token twice or never finish.
+/// Returns the endpoint URL and the request counter.
+async fn paging_fake(
+    token: impl Fn(usize) -> Option<String> + Send + Sync + 'static,
+) -> (String, Arc<std::sync::atomic::AtomicUsize>) {
+    use std::sync::atomic::{AtomicUsize, Ordering};
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let url = format!("http://{}", listener.local_addr().unwrap());
+    let requests = Arc::new(AtomicUsize::new(0));
+    let (counter, token) = (requests.clone(), Arc::new(token));
+    tokio::spawn(async move {
+        while let Ok((stream, _)) = listener.accept().await {
+            let (counter, token) = (counter.clone(), token.clone());
+            tokio::spawn(async move {
+                let service = hyper::service::service_fn(move |_req| {
+                    let n = counter.fetch_add(1, Ordering::SeqCst);
+                    let mut body = serde_json::json!({
+                        "Parameters": [{ "Name": format!("/cycle/P{n}"), "Type": "String", "Value": "v", "Version": 1 }]
+                    });
+                    if let Some(t) = token(n) {
+                        body["NextToken"] = t.into();
+                    }
+                    let resp = hyper::Response::builder()
+                        .header("content-type", "application/x-amz-json-1.1")
+                        .body(http_body_util::Full::new(bytes::Bytes::from(body.to_string())))
+                        .unwrap();
+                    async move { Ok::<_, std::convert::Infallible>(resp) }
+                });
+                let io = hyper_util::rt::TokioIo::new(stream);
+                let _ = hyper::server::conn::http1::Builder::new().serve_connection(io, service).await;
+            });
+        }
+    });
+    (url, requests)
+}
+
+#[tokio::test]
+async fn a_next_token_cycle_is_an_error_naming_the_path() {
+    // A → B → A: not the same token twice in a row, but a loop all the same.
+    let (url, requests) = paging_fake(|n| Some(["A", "B"][n % 2].to_string())).await;
+    let src = source(&url, Some("/cycle/"), &[]).await;
+    let err = tokio::time::timeout(Duration::from_secs(10), src.fetch())
+        .await
+        .expect("a token cycle must not loop forever")
+        .unwrap_err();
+    let msg = err.to_string();
+    assert!(msg.contains("/cycle/") && msg.contains("NextToken"), "{msg}");
+    assert_eq!(requests.load(std::sync::atomic::Ordering::SeqCst), 3, "{msg}");
+}
+
+#[tokio::test]
+async fn a_listing_that_never_ends_stops_at_the_page_cap() {
+    let (url, requests) = paging_fake(|n| Some(format!("T{n}"))).await;
+    let src = source(&url, Some("/cycle/"), &[]).await;
+    let err = tokio::time::timeout(Duration::from_secs(60), src.fetch())
+        .await
+        .expect("an endless listing must stop")
+        .unwrap_err();
+    let msg = err.to_string();
+    assert!(msg.contains("/cycle/") && msg.contains("1000 pages"), "{msg}");
+    assert_eq!(requests.load(std::sync::atomic::Ordering::SeqCst), MAX_PAGES as usize);
+}
+
 #[tokio::test]
 async fn an_empty_path_is_an_error_naming_it() {
     let Some(moto) = moto_url() else { return };
