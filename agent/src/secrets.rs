@@ -1012,7 +1012,7 @@ fn spawn_loop(source: Option<SecretsSource>, timing: RefreshTiming, initial: Sec
         last_error: None,
         last_error_kind: None,
         consecutive_failures: 0,
-        next_refresh: (source.is_some() && !timing.interval.is_zero()).then(|| now + timing.interval),
+        next_refresh: (source.is_some() && !timing.interval.is_zero()).then_some(timing.interval).and_then(due_in),
         refresh_ok: u64::from(source.is_some()),
         refresh_error: 0,
         changes: 0,
@@ -1119,7 +1119,7 @@ async fn refresh_loop(
     let mut digest = set_tx.borrow().digest();
     let mut wait = next_wait(&settings);
     // After a restart the status still shows the schedule of the loop that panicked.
-    status_tx.send_modify(|s| s.next_refresh = wait.and_then(|w| SystemTime::now().checked_add(w)));
+    status_tx.send_modify(|s| s.next_refresh = wait.and_then(due_in));
     loop {
         // Runs for the daemon's lifetime even when nobody holds a receiver of the set (no
         // apps, say): the status and the metrics still report the refreshes.
@@ -1182,7 +1182,7 @@ async fn refresh_loop(
                     s.last_error = None;
                     s.last_error_kind = None;
                     s.consecutive_failures = 0;
-                    s.next_refresh = wait.map(|w| SystemTime::now() + w);
+                    s.next_refresh = wait.and_then(due_in);
                     s.refresh_ok += 1;
                     s.changes += u64::from(changed);
                 });
@@ -1212,12 +1212,18 @@ async fn refresh_loop(
                     s.last_error = Some(message);
                     s.last_error_kind = Some(err.kind());
                     s.consecutive_failures = failures;
-                    s.next_refresh = Some(SystemTime::now() + retry);
+                    s.next_refresh = due_in(retry);
                     s.refresh_error += 1;
                 });
             }
         }
     }
+}
+
+/// When a wait starting now ends; `None` past what the clock can represent (config
+/// validation bounds the interval, but a panic here would stop refreshing).
+fn due_in(wait: Duration) -> Option<SystemTime> {
+    SystemTime::now().checked_add(wait)
 }
 
 /// 90–100 % of the interval: a fleet booted together drifts apart instead of refreshing in
