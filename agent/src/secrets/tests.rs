@@ -346,7 +346,7 @@ async fn a_missing_secrets_manager_reference_is_named_alone() {
         .await
         .unwrap_err();
     let msg = err.to_string();
-    assert!(matches!(&err, SecretsError::NotFound { names, .. } if names == &[absent_ref.clone()]), "{msg}");
+    assert!(matches!(&err, SecretsError::NotFound { names, .. } if names.as_slice() == [absent_ref.as_str()]), "{msg}");
     for existing in [&a, &b, &present_ref] {
         assert!(!msg.contains(existing.as_str()), "{existing} exists but is named: {msg}");
     }
