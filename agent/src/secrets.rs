@@ -954,11 +954,18 @@ impl SecretsHandle {
 #[derive(Debug, Clone, Copy)]
 pub struct RefreshTiming {
     pub interval: Duration,
-    /// Backoff after failed refreshes. Both bounds are also capped at `interval`, so a
-    /// failing refresh is retried at least as often as a healthy one runs.
+    /// Backoff after failed refreshes, capped at `interval` when that is longer than
+    /// [`BACKOFF_CAP_FLOOR`], so a failing refresh is retried about as often as a healthy
+    /// one runs, without a short interval making a throttled fleet retry every second.
     pub initial_backoff: Duration,
     pub max_backoff: Duration,
+    /// A random wait in `[0, reload_jitter]` before the fetch a reload triggers: a config
+    /// pushed to a whole fleet at once must not make every instance call SSM together.
+    pub reload_jitter: Duration,
 }
+
+/// The least the refresh backoff may grow to, whatever the interval.
+pub const BACKOFF_CAP_FLOOR: Duration = Duration::from_secs(30);
 
 impl RefreshTiming {
     pub fn new(interval: Duration) -> Self {
@@ -966,16 +973,17 @@ impl RefreshTiming {
             interval,
             initial_backoff: Duration::from_secs(1),
             max_backoff: Duration::from_secs(60),
+            reload_jitter: RetryPolicy::DAEMON.first_jitter,
         }
     }
 
-    /// Capped at `interval` when refreshing; a one-off fetch after a reload
-    /// (`interval = 0`) that fails is retried at the plain backoff.
+    /// A one-off fetch after a reload (`interval = 0`) that fails is retried at the plain
+    /// backoff.
     fn backoff_cap(&self) -> Duration {
         if self.interval.is_zero() {
             self.max_backoff
         } else {
-            self.max_backoff.min(self.interval)
+            self.max_backoff.min(self.interval.max(BACKOFF_CAP_FLOOR))
         }
     }
 
@@ -1130,7 +1138,7 @@ async fn refresh_loop(
                 settings = control.borrow_and_update().clone();
                 backoff = settings.timing.backoff();
                 let source = describe(settings.source.as_ref());
-                tracing::info!(source = %source, interval = ?settings.timing.interval, "secrets source reloaded; fetching now");
+                tracing::info!(source = %source, interval = ?settings.timing.interval, "secrets source reloaded; fetching it");
                 status_tx.send_modify(|s| s.source = source);
                 if settings.source.is_none() {
                     let empty = SecretSet::default();
@@ -1146,6 +1154,9 @@ async fn refresh_loop(
                     wait = None;
                     continue;
                 }
+                // Fetch after the jitter, unless another reload comes first.
+                wait = Some(random_up_to(settings.timing.reload_jitter));
+                continue;
             }
         }
         let Some(source) = &settings.source else {

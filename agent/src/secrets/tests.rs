@@ -162,6 +162,19 @@ fn waits_are_bounded() {
     assert_eq!(random_up_to(Duration::ZERO), Duration::ZERO);
 }
 
+#[test]
+fn a_short_interval_does_not_shorten_the_backoff_below_its_floor() {
+    // A 1 s interval while throttled: back off to 30 s, not retry every second.
+    let mut b = RefreshTiming::new(Duration::from_secs(1)).backoff();
+    let late: Vec<Duration> = (0..10).map(|_| b.next_delay()).skip(6).collect();
+    assert!(late.iter().all(|d| *d >= BACKOFF_CAP_FLOOR / 2), "{late:?}");
+    assert_eq!(b.step(20), BACKOFF_CAP_FLOOR);
+    // Long intervals keep the usual 60 s cap; shorter ones between the floor and it cap there.
+    assert_eq!(RefreshTiming::new(Duration::from_secs(300)).backoff().step(20), Duration::from_secs(60));
+    assert_eq!(RefreshTiming::new(Duration::from_secs(45)).backoff().step(20), Duration::from_secs(45));
+    assert_eq!(RefreshTiming::new(Duration::ZERO).backoff().step(20), Duration::from_secs(60));
+}
+
 fn call<'a>(scope: Scope<'a>) -> Call<'a> {
     Call {
         action: "ssm:GetParametersByPath",
@@ -578,6 +591,7 @@ async fn failing_forever_keeps_the_last_good_set_and_reports_it() {
         interval: Duration::from_millis(300),
         initial_backoff: Duration::from_millis(50),
         max_backoff: Duration::from_millis(300),
+        reload_jitter: Duration::ZERO,
     };
     let handle = spawn_refresh_with(src, timing, initial);
     let mut changes = handle.subscribe();
