@@ -154,9 +154,10 @@ impl SecretSet {
     /// the app would see is equal. Versions are left out on purpose: re-putting the same
     /// value bumps the version but must not redeploy the fleet.
     ///
-    /// The digest goes into the container's `berth.config-hash` label, which anyone with
-    /// Docker access can read. It covers all values at once, so guessing it means guessing
-    /// every secret together; a set made only of short, guessable values is weaker there.
+    /// It never leaves the process: unkeyed, it would let anyone who saw it test guesses
+    /// of short values offline. The container's `berth.config-hash` label, which anyone
+    /// with Docker access can read, uses the supervisor's own hash of the selected values,
+    /// keyed with a per-instance key from `state_dir` (`state::hash_key`).
     pub fn digest(&self) -> String {
         let mut h = Sha256::new();
         h.update(b"berth-secrets-v1\0");
@@ -995,7 +996,7 @@ impl RefreshTiming {
 
 /// Starts refreshing `initial` (the set the daemon fetched at boot) every `interval`.
 /// `interval == 0` means fetch once: the set never changes, until a reload gives a new
-/// source. The loop runs until [`SecretsHandle::stop`] or the runtime's shutdown; dropping
+/// source. The loop runs until the runtime shuts down (restarted if it panics); dropping
 /// receivers does not stop it.
 pub fn spawn_refresh(source: SecretsSource, interval: Duration, initial: SecretSet) -> SecretsHandle {
     spawn_refresh_with(source, RefreshTiming::new(interval), initial)
