@@ -434,6 +434,10 @@ impl Default for RestartConfig {
     }
 }
 
+/// Bounds of `[secrets] refresh_interval` other than `"0s"`.
+pub const MIN_REFRESH_INTERVAL: Duration = Duration::from_secs(1);
+pub const MAX_REFRESH_INTERVAL: Duration = Duration::from_secs(7 * 24 * 3600);
+
 /// A duration written as a string (`"500ms"`, `"30s"`, `"5m"`), as the operator wrote it.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq, PartialOrd, Ord)]
 pub struct Dur(pub Duration);
@@ -555,6 +559,15 @@ impl Config {
             if !path.starts_with('/') {
                 v.err("secrets.path", format!("{path:?} must start with '/' (GetParametersByPath takes a hierarchy)"));
             }
+        }
+        // Under a second would hammer SSM from every instance; past a week is a typo, and
+        // an absurd value would overflow the refresh loop's time arithmetic.
+        let refresh = self.secrets.refresh_interval;
+        if !refresh.is_zero() && !(MIN_REFRESH_INTERVAL..=MAX_REFRESH_INTERVAL).contains(&refresh.0) {
+            v.err(
+                "secrets.refresh_interval",
+                format!("{refresh} must be \"0s\" (fetch once) or between 1s and 7days"),
+            );
         }
         let mut from_parameters: BTreeMap<String, (usize, &str)> = BTreeMap::new();
         for (i, name) in self.secrets.parameters.iter().enumerate() {
@@ -1063,6 +1076,22 @@ routes = ["api.example.com/"]
         assert_eq!(keys, ["apps.web.port", "apps.web.routes[1]"]);
         assert_eq!(p[0].position, Some((18, 1)));
         assert_eq!(p[1].position.map(|x| x.0), Some(19));
+    }
+
+    #[test]
+    fn refresh_interval_is_zero_or_between_a_second_and_a_week() {
+        for ok in ["0s", "1s", "5m", "7days"] {
+            let src = GOOD.replace("parameters = [", &format!("refresh_interval = \"{ok}\"\nparameters = ["));
+            assert!(Config::parse(&src).is_ok(), "{ok} should be accepted");
+        }
+        for bad in ["500ms", "8days", "500000000000years"] {
+            let src = GOOD.replace("parameters = [", &format!("refresh_interval = \"{bad}\"\nparameters = ["));
+            let p = problems(&src);
+            assert_eq!(p.len(), 1, "{bad}: {p:?}");
+            assert_eq!(p[0].key, "secrets.refresh_interval");
+            assert_eq!(p[0].position.map(|x| x.0), Some(8), "{bad}: {p:?}");
+            assert!(p[0].message.contains("between 1s and 7days"), "{bad}: {p:?}");
+        }
     }
 
     #[test]

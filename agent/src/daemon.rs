@@ -360,7 +360,9 @@ async fn first_secrets(live: &Live, mut sdk: Option<aws_config::SdkConfig>, shut
         };
         let source = secrets::SecretsSource::new(&sdk, &config.secrets);
         let first = source.fetch_with_retry(&secrets::RetryPolicy::DAEMON, |e, wait| {
-            live.set_waiting(Some(format!("waiting for SSM: {} (retry in {}s)", e.kind(), wait.as_secs())));
+            // The whole message: the grant or the VPC endpoint to add is what the operator
+            // looking at `berth status` needs, not just the kind (errors never hold values).
+            live.set_waiting(Some(format!("waiting for SSM (retry in {}s): {e}", wait.as_secs())));
         });
         let reloaded = async {
             loop {

@@ -12,7 +12,7 @@
 //! `LOG_SENSITIVE_BODIES=true` is set; berth's log filter (`logging::init`) holds the SDK's
 //! wire-level crates at info and drops that variable, so they stay out of berth's logs.
 
-use std::collections::{BTreeMap, BTreeSet, HashMap};
+use std::collections::{BTreeMap, BTreeSet, HashMap, HashSet};
 use std::fmt;
 use std::sync::Arc;
 use std::time::{Duration, Instant, SystemTime};
@@ -30,6 +30,9 @@ use crate::config::{env_name_for_parameter, env_name_under_path, Config, SecretS
 
 /// GetParameters takes at most 10 names per call.
 const GET_PARAMETERS_BATCH: usize = 10;
+/// GetParametersByPath pages followed before giving up: 10,000 parameters at SSM's 10 a
+/// page, far more than an app's environment, and a bound on a listing that never ends.
+const MAX_PAGES: u32 = 1_000;
 /// The prefix SSM uses for Secrets Manager references.
 const SECRETS_MANAGER_REFERENCE: &str = "/aws/reference/secretsmanager/";
 
@@ -151,9 +154,10 @@ impl SecretSet {
     /// the app would see is equal. Versions are left out on purpose: re-putting the same
     /// value bumps the version but must not redeploy the fleet.
     ///
-    /// The digest goes into the container's `berth.config-hash` label, which anyone with
-    /// Docker access can read. It covers all values at once, so guessing it means guessing
-    /// every secret together; a set made only of short, guessable values is weaker there.
+    /// It never leaves the process: unkeyed, it would let anyone who saw it test guesses
+    /// of short values offline. The container's `berth.config-hash` label, which anyone
+    /// with Docker access can read, uses the supervisor's own hash of the selected values,
+    /// keyed with a per-instance key from `state_dir` (`state::hash_key`).
     pub fn digest(&self) -> String {
         let mut h = Sha256::new();
         h.update(b"berth-secrets-v1\0");
@@ -429,13 +433,15 @@ impl Call<'_> {
             || lower.contains("ciphertext")
             || lower.contains("customer master key");
         match code.as_str() {
-            _ if kms => SecretsError::Kms {
-                scope: self.scope_text(),
+            // Before the KMS check: KMS throttling during a fleet boot comes back as a
+            // ThrottlingException naming AWSKMS (or as KMS's own KMSThrottlingException),
+            // and it needs a retry, not an IAM fix.
+            _ if is_throttling(&code) => SecretsError::Throttled {
+                action,
                 message: format!("{code}: {message}"),
             },
-            "ThrottlingException" | "Throttling" | "ThrottledException" | "TooManyRequestsException"
-            | "RequestLimitExceeded" | "RequestThrottled" | "RequestThrottledException" => SecretsError::Throttled {
-                action,
+            _ if kms => SecretsError::Kms {
+                scope: self.scope_text(),
                 message: format!("{code}: {message}"),
             },
             "AccessDeniedException" | "AccessDenied" | "UnauthorizedOperation" | "NotAuthorized" => {
@@ -480,6 +486,23 @@ impl Call<'_> {
             },
         }
     }
+}
+
+/// Error codes AWS uses for "slow down", by the code alone: messages of throttled
+/// requests may name other services (AWSKMS) and must not change the classification.
+fn is_throttling(code: &str) -> bool {
+    // KMS forwards its own as `KMSThrottlingException` or `KMS.ThrottlingException`.
+    let code = code.strip_prefix("KMS.").or_else(|| code.strip_prefix("KMS")).unwrap_or(code);
+    matches!(
+        code,
+        "ThrottlingException"
+            | "Throttling"
+            | "ThrottledException"
+            | "TooManyRequestsException"
+            | "RequestLimitExceeded"
+            | "RequestThrottled"
+            | "RequestThrottledException"
+    )
 }
 
 fn with_slash(name: &str) -> String {
@@ -594,6 +617,7 @@ impl SecretsSource {
             endpoint: &self.endpoint,
         };
         let mut token: Option<String> = None;
+        let mut seen: HashSet<String> = HashSet::new();
         let mut pages = 0u32;
         let mut count = 0usize;
         loop {
@@ -624,13 +648,26 @@ impl SecretsSource {
                 count += 1;
             }
             // A page may be short (even empty) and still have a token: only an absent or
-            // empty token ends the listing.
+            // empty token ends the listing. A token seen before would loop forever, and so
+            // would an endpoint that never stops handing out new ones.
             match out.next_token.filter(|t| !t.is_empty()) {
-                Some(next) if token.as_deref() == Some(next.as_str()) => {
+                Some(next) if !seen.insert(next.clone()) => {
                     return Err(SecretsError::Other {
                         action: call.action.into(),
-                        detail: format!("SSM returned the same NextToken twice for {path}; giving up on this listing"),
-                    })
+                        detail: format!(
+                            "SSM returned a NextToken it had returned before (after {pages} pages) while \
+                             listing {path}; giving up on this listing"
+                        ),
+                    });
+                }
+                Some(_) if pages >= MAX_PAGES => {
+                    return Err(SecretsError::Other {
+                        action: call.action.into(),
+                        detail: format!(
+                            "listing {path} did not end after {MAX_PAGES} pages; giving up (is the path \
+                             too broad, e.g. \"/\"?)"
+                        ),
+                    });
                 }
                 Some(next) => token = Some(next),
                 None => break,
@@ -655,29 +692,30 @@ impl SecretsSource {
         }
         let mut missing: Vec<String> = Vec::new();
         for batch in wanted.chunks(GET_PARAMETERS_BATCH) {
-            let call = Call {
-                action: "ssm:GetParameters",
-                scope: Scope::Names(batch),
-                region,
-                endpoint: &self.endpoint,
+            let (params, invalid) = match self.get_parameters(batch, region).await {
+                // SSM (and moto) answer a missing Secrets Manager reference with
+                // ParameterNotFound for the whole call instead of listing it as invalid, so
+                // the error names every name in the batch. Asking one name at a time finds
+                // the missing ones; it costs extra calls only on a path that already fails.
+                Err(SecretsError::NotFound { .. }) if batch.len() == 1 => (Vec::new(), batch.to_vec()),
+                Err(SecretsError::NotFound { .. }) => {
+                    let mut params = Vec::new();
+                    let mut invalid = Vec::new();
+                    for name in batch {
+                        match self.get_parameters(std::slice::from_ref(name), region).await {
+                            Ok((p, i)) => {
+                                params.extend(p);
+                                invalid.extend(i);
+                            }
+                            Err(SecretsError::NotFound { .. }) => invalid.push(name.clone()),
+                            Err(e) => return Err(e),
+                        }
+                    }
+                    (params, invalid)
+                }
+                other => other?,
             };
-            let batch_start = Instant::now();
-            let out = self
-                .client
-                .get_parameters()
-                .set_names(Some(batch.to_vec()))
-                .with_decryption(true)
-                .send()
-                .await
-                .map_err(|e| call.classify(e))?;
-            let params = out.parameters.unwrap_or_default();
-            tracing::trace!(
-                count = params.len(),
-                requested = batch.len(),
-                elapsed_ms = batch_start.elapsed().as_millis() as u64,
-                "GetParameters batch"
-            );
-            missing.extend(out.invalid_parameters.unwrap_or_default());
+            missing.extend(invalid);
             // SSM echoes a name with a version/label selector (`/x:3`) as `/x` plus the
             // selector, and an ARN as the plain name: map each back to what was configured,
             // since that is what the env name (and config validation) is derived from.
@@ -706,6 +744,37 @@ impl SecretsSource {
             });
         }
         Ok(())
+    }
+
+    /// One GetParameters call: the parameters found and the names SSM listed as invalid.
+    async fn get_parameters(
+        &self,
+        names: &[String],
+        region: &str,
+    ) -> Result<(Vec<aws_sdk_ssm::types::Parameter>, Vec<String>), SecretsError> {
+        let call = Call {
+            action: "ssm:GetParameters",
+            scope: Scope::Names(names),
+            region,
+            endpoint: &self.endpoint,
+        };
+        let start = Instant::now();
+        let out = self
+            .client
+            .get_parameters()
+            .set_names(Some(names.to_vec()))
+            .with_decryption(true)
+            .send()
+            .await
+            .map_err(|e| call.classify(e))?;
+        let params = out.parameters.unwrap_or_default();
+        tracing::trace!(
+            count = params.len(),
+            requested = names.len(),
+            elapsed_ms = start.elapsed().as_millis() as u64,
+            "GetParameters batch"
+        );
+        Ok((params, out.invalid_parameters.unwrap_or_default()))
     }
 
     /// [`fetch`](Self::fetch), retried per `policy`; `on_retry` hears about every failed
@@ -886,11 +955,18 @@ impl SecretsHandle {
 #[derive(Debug, Clone, Copy)]
 pub struct RefreshTiming {
     pub interval: Duration,
-    /// Backoff after failed refreshes. Both bounds are also capped at `interval`, so a
-    /// failing refresh is retried at least as often as a healthy one runs.
+    /// Backoff after failed refreshes, capped at `interval` when that is longer than
+    /// [`BACKOFF_CAP_FLOOR`], so a failing refresh is retried about as often as a healthy
+    /// one runs, without a short interval making a throttled fleet retry every second.
     pub initial_backoff: Duration,
     pub max_backoff: Duration,
+    /// A random wait in `[0, reload_jitter]` before the fetch a reload triggers: a config
+    /// pushed to a whole fleet at once must not make every instance call SSM together.
+    pub reload_jitter: Duration,
 }
+
+/// The least the refresh backoff may grow to, whatever the interval.
+pub const BACKOFF_CAP_FLOOR: Duration = Duration::from_secs(30);
 
 impl RefreshTiming {
     pub fn new(interval: Duration) -> Self {
@@ -898,16 +974,17 @@ impl RefreshTiming {
             interval,
             initial_backoff: Duration::from_secs(1),
             max_backoff: Duration::from_secs(60),
+            reload_jitter: RetryPolicy::DAEMON.first_jitter,
         }
     }
 
-    /// Capped at `interval` when refreshing; a one-off fetch after a reload
-    /// (`interval = 0`) that fails is retried at the plain backoff.
+    /// A one-off fetch after a reload (`interval = 0`) that fails is retried at the plain
+    /// backoff.
     fn backoff_cap(&self) -> Duration {
         if self.interval.is_zero() {
             self.max_backoff
         } else {
-            self.max_backoff.min(self.interval)
+            self.max_backoff.min(self.interval.max(BACKOFF_CAP_FLOOR))
         }
     }
 
@@ -919,7 +996,7 @@ impl RefreshTiming {
 
 /// Starts refreshing `initial` (the set the daemon fetched at boot) every `interval`.
 /// `interval == 0` means fetch once: the set never changes, until a reload gives a new
-/// source. The loop runs until [`SecretsHandle::stop`] or the runtime's shutdown; dropping
+/// source. The loop runs until the runtime shuts down (restarted if it panics); dropping
 /// receivers does not stop it.
 pub fn spawn_refresh(source: SecretsSource, interval: Duration, initial: SecretSet) -> SecretsHandle {
     spawn_refresh_with(source, RefreshTiming::new(interval), initial)
@@ -944,7 +1021,7 @@ fn spawn_loop(source: Option<SecretsSource>, timing: RefreshTiming, initial: Sec
         last_error: None,
         last_error_kind: None,
         consecutive_failures: 0,
-        next_refresh: (source.is_some() && !timing.interval.is_zero()).then(|| now + timing.interval),
+        next_refresh: (source.is_some() && !timing.interval.is_zero()).then_some(timing.interval).and_then(due_in),
         refresh_ok: u64::from(source.is_some()),
         refresh_error: 0,
         changes: 0,
@@ -952,8 +1029,30 @@ fn spawn_loop(source: Option<SecretsSource>, timing: RefreshTiming, initial: Sec
     let (set_tx, set_rx) = watch::channel(Arc::new(initial));
     let (status_tx, status_rx) = watch::channel(status);
     let (control_tx, control_rx) = watch::channel(Settings { source, timing });
-    // The loop runs until the runtime shuts down.
-    tokio::spawn(refresh_loop(control_rx, set_tx, status_tx));
+    let (set_tx, status_tx) = (Arc::new(set_tx), Arc::new(status_tx));
+    let on_panic = {
+        let status_tx = status_tx.clone();
+        move |message: String, restart_in: Duration| {
+            status_tx.send_modify(|s| {
+                s.last_error = Some(format!(
+                    "the secrets refresh loop panicked ({message}); restarting it in {}s",
+                    restart_in.as_secs()
+                ));
+                s.last_error_kind = Some("panic");
+                s.consecutive_failures = s.consecutive_failures.saturating_add(1);
+                s.next_refresh = None;
+                s.refresh_error += 1;
+            })
+        }
+    };
+    // Runs until the runtime shuts down. A panic in the loop would otherwise end refreshing
+    // silently, with the status frozen at its last report.
+    tokio::spawn(supervise(
+        "secrets refresh",
+        move || refresh_loop(control_rx.clone(), set_tx.clone(), status_tx.clone()),
+        on_panic,
+        Backoff::new(Duration::from_secs(1), Duration::from_secs(60)),
+    ));
     SecretsHandle {
         secrets: set_rx,
         status: status_rx,
@@ -977,15 +1076,59 @@ async fn sleep_for(wait: Option<Duration>) {
     }
 }
 
+/// Runs the task `run` makes until it returns, making a new one (after `backoff`) each
+/// time one panics; `on_panic` hears the panic message and the delay before the restart.
+async fn supervise<F, Fut>(what: &'static str, mut run: F, mut on_panic: impl FnMut(String, Duration), mut backoff: Backoff)
+where
+    F: FnMut() -> Fut,
+    Fut: std::future::Future<Output = ()> + Send + 'static,
+{
+    loop {
+        let started = Instant::now();
+        let err = match tokio::spawn(run()).await {
+            Ok(()) => return,
+            // Cancelled: the runtime is shutting down.
+            Err(e) if !e.is_panic() => return,
+            Err(e) => e,
+        };
+        // A task that ran healthily for a while before panicking starts the backoff afresh.
+        if started.elapsed() > Duration::from_secs(600) {
+            backoff.reset();
+        }
+        let message = panic_message(err.into_panic());
+        let restart_in = backoff.next_delay();
+        tracing::error!(
+            task = what,
+            panic = %message,
+            restart_in_ms = restart_in.as_millis() as u64,
+            "task panicked; restarting it"
+        );
+        on_panic(message, restart_in);
+        tokio::time::sleep(restart_in).await;
+    }
+}
+
+fn panic_message(payload: Box<dyn std::any::Any + Send>) -> String {
+    payload
+        .downcast_ref::<&str>()
+        .map(|s| s.to_string())
+        .or_else(|| payload.downcast_ref::<String>().cloned())
+        .unwrap_or_else(|| "no message".into())
+}
+
 async fn refresh_loop(
     mut control: watch::Receiver<Settings>,
-    set_tx: watch::Sender<Arc<SecretSet>>,
-    status_tx: watch::Sender<SecretsStatus>,
+    set_tx: Arc<watch::Sender<Arc<SecretSet>>>,
+    status_tx: Arc<watch::Sender<SecretsStatus>>,
 ) {
+    // Also after a restart: `borrow_and_update` marks the settings seen, and the set
+    // last published is the one to compare against.
     let mut settings = control.borrow_and_update().clone();
     let mut backoff = settings.timing.backoff();
     let mut digest = set_tx.borrow().digest();
     let mut wait = next_wait(&settings);
+    // After a restart the status still shows the schedule of the loop that panicked.
+    status_tx.send_modify(|s| s.next_refresh = wait.and_then(due_in));
     loop {
         // Runs for the daemon's lifetime even when nobody holds a receiver of the set (no
         // apps, say): the status and the metrics still report the refreshes.
@@ -996,7 +1139,7 @@ async fn refresh_loop(
                 settings = control.borrow_and_update().clone();
                 backoff = settings.timing.backoff();
                 let source = describe(settings.source.as_ref());
-                tracing::info!(source = %source, interval = ?settings.timing.interval, "secrets source reloaded; fetching now");
+                tracing::info!(source = %source, interval = ?settings.timing.interval, "secrets source reloaded; fetching it");
                 status_tx.send_modify(|s| s.source = source);
                 if settings.source.is_none() {
                     let empty = SecretSet::default();
@@ -1012,6 +1155,9 @@ async fn refresh_loop(
                     wait = None;
                     continue;
                 }
+                // Fetch after the jitter, unless another reload comes first.
+                wait = Some(random_up_to(settings.timing.reload_jitter));
+                continue;
             }
         }
         let Some(source) = &settings.source else {
@@ -1048,7 +1194,7 @@ async fn refresh_loop(
                     s.last_error = None;
                     s.last_error_kind = None;
                     s.consecutive_failures = 0;
-                    s.next_refresh = wait.map(|w| SystemTime::now() + w);
+                    s.next_refresh = wait.and_then(due_in);
                     s.refresh_ok += 1;
                     s.changes += u64::from(changed);
                 });
@@ -1078,12 +1224,18 @@ async fn refresh_loop(
                     s.last_error = Some(message);
                     s.last_error_kind = Some(err.kind());
                     s.consecutive_failures = failures;
-                    s.next_refresh = Some(SystemTime::now() + retry);
+                    s.next_refresh = due_in(retry);
                     s.refresh_error += 1;
                 });
             }
         }
     }
+}
+
+/// When a wait starting now ends; `None` past what the clock can represent (config
+/// validation bounds the interval, but a panic here would stop refreshing).
+fn due_in(wait: Duration) -> Option<SystemTime> {
+    SystemTime::now().checked_add(wait)
 }
 
 /// 90–100 % of the interval: a fleet booted together drifts apart instead of refreshing in

@@ -163,6 +163,31 @@ fn check_online_explains_an_unreachable_endpoint() {
     assert!(out.took < Duration::from_secs(40), "took {:?}", out.took);
 }
 
+/// While the daemon waits at boot for its first secrets, `berth status` gives the advice
+/// the log gives, not just the kind of error.
+#[test]
+fn status_while_waiting_for_ssm_says_what_to_fix() {
+    let dir = TestDir::new();
+    let ports = Ports::pick();
+    let port = berth_tests::free_port();
+    let cfg = dir.write(
+        "berth.toml",
+        &config_toml(&dir, ports, "0s", "1s", &secrets_toml(&format!("http://127.0.0.1:{port}"), Some("/x/"), &[], "5m")),
+    );
+    let mut cmd = Berth::command(&cfg);
+    aws_env(&mut cmd);
+    let mut berth = Berth::spawn(cmd, &dir);
+    let waiting = wait_for("status to say berth waits for SSM", Duration::from_secs(40), || {
+        let out = Command::new(berth_bin()).args(["status", "--json", "-c"]).arg(&cfg).output().ok()?;
+        let status: serde_json::Value = serde_json::from_slice(&out.stdout).ok()?;
+        status["waiting_for"].as_str().filter(|w| w.contains("SSM")).map(str::to_owned)
+    });
+    assert!(waiting.contains("VPC interface endpoints") && waiting.contains("NAT gateway"), "{waiting}");
+    assert!(waiting.contains(&format!("127.0.0.1:{port}")), "{waiting}");
+    berth.signal("TERM");
+    berth.wait_timeout(Duration::from_secs(10)).expect("berth stops");
+}
+
 /// BERTH_LOG=trace, and LOG_SENSITIVE_BODIES=true, the AWS SDK's switch that makes it log
 /// decrypted response bodies: neither may get a value into berth's output.
 #[test]

@@ -162,6 +162,19 @@ fn waits_are_bounded() {
     assert_eq!(random_up_to(Duration::ZERO), Duration::ZERO);
 }
 
+#[test]
+fn a_short_interval_does_not_shorten_the_backoff_below_its_floor() {
+    // A 1 s interval while throttled: back off to 30 s, not retry every second.
+    let mut b = RefreshTiming::new(Duration::from_secs(1)).backoff();
+    let late: Vec<Duration> = (0..10).map(|_| b.next_delay()).skip(6).collect();
+    assert!(late.iter().all(|d| *d >= BACKOFF_CAP_FLOOR / 2), "{late:?}");
+    assert_eq!(b.step(20), BACKOFF_CAP_FLOOR);
+    // Long intervals keep the usual 60 s cap; shorter ones between the floor and it cap there.
+    assert_eq!(RefreshTiming::new(Duration::from_secs(300)).backoff().step(20), Duration::from_secs(60));
+    assert_eq!(RefreshTiming::new(Duration::from_secs(45)).backoff().step(20), Duration::from_secs(45));
+    assert_eq!(RefreshTiming::new(Duration::ZERO).backoff().step(20), Duration::from_secs(60));
+}
+
 fn call<'a>(scope: Scope<'a>) -> Call<'a> {
     Call {
         action: "ssm:GetParametersByPath",
@@ -201,6 +214,12 @@ fn service_errors_are_classified_for_operators() {
 
     let t = c.classify_service("ThrottlingException".into(), "Rate exceeded".into(), 400);
     assert!(t.is_retryable() && t.kind() == "throttled", "{t}");
+    // KMS throttling behind a SecureString: retried, not sent to the IAM console.
+    for code in ["ThrottlingException", "KMSThrottlingException", "KMS.ThrottlingException"] {
+        let t = c.classify_service(code.into(), "Rate exceeded (Service: AWSKMS; Status Code: 400)".into(), 400);
+        assert!(t.is_retryable() && t.kind() == "throttled", "{code}: {t}");
+        assert!(!t.to_string().contains("kms:Decrypt"), "{t}");
+    }
     let s = c.classify_service("InternalServerError".into(), "oops".into(), 500);
     assert!(s.is_retryable() && s.kind() == "server", "{s}");
     let cred = c.classify_service("UnrecognizedClientException".into(), "The security token included in the request is invalid.".into(), 400);
@@ -315,6 +334,100 @@ async fn every_missing_parameter_is_named() {
     assert!(matches!(&err, SecretsError::NotFound { names: n, .. } if n.len() == 2), "{msg}");
     assert!(msg.contains(&format!("{p}/P3")) && msg.contains(&format!("{p}/P11")), "{msg}");
     assert!(!err.is_retryable());
+}
+
+#[tokio::test]
+async fn a_missing_secrets_manager_reference_is_named_alone() {
+    let Some(moto) = moto_url() else { return };
+    let p = unique_prefix("missing-ref");
+    let (a, b) = (format!("{p}/A"), format!("{p}/B"));
+    let present = format!("{}/present", &unique_prefix("sm")[1..]);
+    seed(
+        &moto,
+        &[
+            Op::Put { name: &a, kind: "SecureString", value: "va" },
+            Op::Put { name: &b, kind: "String", value: "vb" },
+            Op::Secret { name: &present, value: "vs" },
+        ],
+    );
+    let present_ref = format!("{SECRETS_MANAGER_REFERENCE}{present}");
+    let absent_ref = format!("{SECRETS_MANAGER_REFERENCE}{}/absent", &unique_prefix("sm")[1..]);
+    // One batch: SSM fails all of it with ParameterNotFound because of the one reference.
+    let err = source(&moto, None, &[&a, &absent_ref, &b, &present_ref])
+        .await
+        .fetch()
+        .await
+        .unwrap_err();
+    let msg = err.to_string();
+    assert!(matches!(&err, SecretsError::NotFound { names, .. } if names.as_slice() == [absent_ref.as_str()]), "{msg}");
+    for existing in [&a, &b, &present_ref] {
+        assert!(!msg.contains(existing.as_str()), "{existing} exists but is named: {msg}");
+    }
+}
+
+/// A stand-in for SSM that answers every GetParametersByPath with one parameter and the
+/// NextToken `token(request number)`. In-process rather than moto because moto's
+/// pagination is correct: it cannot be made to return a token twice or never finish.
+/// Returns the endpoint URL and the request counter.
+async fn paging_fake(
+    token: impl Fn(usize) -> Option<String> + Send + Sync + 'static,
+) -> (String, Arc<std::sync::atomic::AtomicUsize>) {
+    use std::sync::atomic::{AtomicUsize, Ordering};
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let url = format!("http://{}", listener.local_addr().unwrap());
+    let requests = Arc::new(AtomicUsize::new(0));
+    let (counter, token) = (requests.clone(), Arc::new(token));
+    tokio::spawn(async move {
+        while let Ok((stream, _)) = listener.accept().await {
+            let (counter, token) = (counter.clone(), token.clone());
+            tokio::spawn(async move {
+                let service = hyper::service::service_fn(move |_req| {
+                    let n = counter.fetch_add(1, Ordering::SeqCst);
+                    let mut body = serde_json::json!({
+                        "Parameters": [{ "Name": format!("/cycle/P{n}"), "Type": "String", "Value": "v", "Version": 1 }]
+                    });
+                    if let Some(t) = token(n) {
+                        body["NextToken"] = t.into();
+                    }
+                    let resp = hyper::Response::builder()
+                        .header("content-type", "application/x-amz-json-1.1")
+                        .body(http_body_util::Full::new(bytes::Bytes::from(body.to_string())))
+                        .unwrap();
+                    async move { Ok::<_, std::convert::Infallible>(resp) }
+                });
+                let io = hyper_util::rt::TokioIo::new(stream);
+                let _ = hyper::server::conn::http1::Builder::new().serve_connection(io, service).await;
+            });
+        }
+    });
+    (url, requests)
+}
+
+#[tokio::test]
+async fn a_next_token_cycle_is_an_error_naming_the_path() {
+    // A → B → A: not the same token twice in a row, but a loop all the same.
+    let (url, requests) = paging_fake(|n| Some(["A", "B"][n % 2].to_string())).await;
+    let src = source(&url, Some("/cycle/"), &[]).await;
+    let err = tokio::time::timeout(Duration::from_secs(10), src.fetch())
+        .await
+        .expect("a token cycle must not loop forever")
+        .unwrap_err();
+    let msg = err.to_string();
+    assert!(msg.contains("/cycle/") && msg.contains("NextToken"), "{msg}");
+    assert_eq!(requests.load(std::sync::atomic::Ordering::SeqCst), 3, "{msg}");
+}
+
+#[tokio::test]
+async fn a_listing_that_never_ends_stops_at_the_page_cap() {
+    let (url, requests) = paging_fake(|n| Some(format!("T{n}"))).await;
+    let src = source(&url, Some("/cycle/"), &[]).await;
+    let err = tokio::time::timeout(Duration::from_secs(60), src.fetch())
+        .await
+        .expect("an endless listing must stop")
+        .unwrap_err();
+    let msg = err.to_string();
+    assert!(msg.contains("/cycle/") && msg.contains("1000 pages"), "{msg}");
+    assert_eq!(requests.load(std::sync::atomic::Ordering::SeqCst), MAX_PAGES as usize);
 }
 
 #[tokio::test]
@@ -439,6 +552,33 @@ async fn throttled_calls_are_retried_until_the_fetch_succeeds() {
 }
 
 #[tokio::test]
+async fn kms_throttling_is_retried_until_the_fetch_succeeds() {
+    let Some(moto) = moto_url() else { return };
+    let p = unique_prefix("kms-throttle");
+    let name = format!("{p}/TOKEN");
+    seed(&moto, &[Op::Put { name: &name, kind: "SecureString", value: "v" }]);
+    let proxy = FaultProxy::start(&moto);
+    // What SSM relays when KMS rate-limits decryption during a fleet boot.
+    proxy.fail_next(
+        6,
+        Fault::new(
+            400,
+            "ThrottlingException",
+            "Rate exceeded (Service: AWSKMS; Status Code: 400; Error Code: ThrottlingException)",
+        ),
+    );
+    let src = source(&proxy.url(), None, &[&name]).await;
+    let mut retries = Vec::new();
+    let set = src
+        .fetch_with_retry(&FAST, |e, _| retries.push(e.kind()))
+        .await
+        .expect("fetch after KMS throttling");
+    assert_eq!(set.get("TOKEN").map(Secret::expose), Some("v"));
+    assert_eq!(proxy.faults(), 6);
+    assert!(!retries.is_empty() && retries.iter().all(|k| *k == "throttled"), "{retries:?}");
+}
+
+#[tokio::test]
 async fn failing_forever_keeps_the_last_good_set_and_reports_it() {
     let Some(moto) = moto_url() else { return };
     let p = unique_prefix("forever");
@@ -451,6 +591,7 @@ async fn failing_forever_keeps_the_last_good_set_and_reports_it() {
         interval: Duration::from_millis(300),
         initial_backoff: Duration::from_millis(50),
         max_backoff: Duration::from_millis(300),
+        reload_jitter: Duration::ZERO,
     };
     let handle = spawn_refresh_with(src, timing, initial);
     let mut changes = handle.subscribe();
@@ -556,6 +697,42 @@ fn zero_interval_fetches_once_and_never_refreshes() {
         assert_eq!((st.refresh_ok, st.refresh_error, st.next_refresh), (1, 0, None));
         assert_eq!(handle.current().len(), 1);
     });
+}
+
+#[tokio::test]
+async fn a_panicking_task_is_reported_and_restarted() {
+    use std::sync::atomic::{AtomicUsize, Ordering};
+    let runs = Arc::new(AtomicUsize::new(0));
+    let (done_tx, done_rx) = tokio::sync::oneshot::channel::<()>();
+    let mut done_tx = Some(done_tx);
+    let mut reported = Vec::new();
+    let run = {
+        let runs = runs.clone();
+        move || {
+            let n = runs.fetch_add(1, Ordering::SeqCst);
+            let done = if n == 0 { None } else { done_tx.take() };
+            async move {
+                if n == 0 {
+                    panic!("refresh broke");
+                }
+                if let Some(d) = done {
+                    let _ = d.send(());
+                }
+            }
+        }
+    };
+    let backoff = Backoff::new(Duration::from_millis(10), Duration::from_millis(10));
+    tokio::time::timeout(
+        Duration::from_secs(5),
+        supervise("test", run, |msg, wait| reported.push((msg, wait)), backoff),
+    )
+    .await
+    .expect("the restarted task ran to its end");
+    done_rx.await.expect("second run finished");
+    assert_eq!(runs.load(Ordering::SeqCst), 2);
+    assert_eq!(reported.len(), 1, "{reported:?}");
+    assert_eq!(reported[0].0, "refresh broke");
+    assert!(reported[0].1 <= Duration::from_millis(10));
 }
 
 /// Everything any crate logs during a fetch and a refresh that sees a change, at TRACE with
