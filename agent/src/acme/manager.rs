@@ -149,7 +149,7 @@ impl Manager {
                     Some(sdk) => sdk,
                     None => crate::aws::sdk_config(&self.setup.aws).await,
                 };
-                Some(Fleet::new(&sdk, &prefix))
+                Some(Fleet::new(&sdk, &prefix, self.setup.timing.lock_settle))
             }
             None => None,
         };

@@ -178,6 +178,7 @@ fn fast_timing() -> Timing {
         fleet_poll: Duration::from_secs(1),
         fleet_busy_poll: Duration::from_millis(300),
         lock_ttl: Duration::from_secs(60),
+        lock_settle: Duration::from_millis(500),
         max_sleep: Duration::from_secs(1),
     }
 }
@@ -583,8 +584,8 @@ async fn fleet_orders_once_and_shares() {
 async fn fleet_lock_is_exclusive_and_a_stale_one_is_taken_over() {
     let Some(sdk) = moto_sdk().await else { return };
     let prefix = berth_tests::moto::unique_prefix("acme-lock");
-    let a = fleet::Fleet::new(&sdk, &prefix);
-    let b = fleet::Fleet::new(&sdk, &prefix);
+    let a = fleet::Fleet::new(&sdk, &prefix, SETTLE);
+    let b = fleet::Fleet::new(&sdk, &prefix, SETTLE);
     assert_eq!(a.try_lock(Duration::from_secs(60)).await.unwrap(), fleet::Lock::Acquired);
     match b.try_lock(Duration::from_secs(60)).await.unwrap() {
         fleet::Lock::HeldBy { holder, .. } => assert_eq!(holder, a.holder),
@@ -609,4 +610,84 @@ async fn fleet_lock_is_exclusive_and_a_stale_one_is_taken_over() {
     let (directory, key) = fleet::FleetAccount::parse(&first).unwrap();
     assert_eq!(directory, "https://ca.test/dir");
     assert_eq!(order::thumbprint(&key).unwrap().len(), 43);
+}
+
+const SETTLE: Duration = Duration::from_millis(800);
+
+/// Puts a lock value by hand, as a dead (or confused) instance left it.
+async fn put_lock(sdk: &aws_config::SdkConfig, prefix: &str, holder: &str, expires: u64) {
+    aws_sdk_ssm::Client::new(sdk)
+        .put_parameter()
+        .name(format!("{prefix}/lock"))
+        .r#type(aws_sdk_ssm::types::ParameterType::String)
+        .value(serde_json::json!({"holder": holder, "expires": expires}).to_string())
+        .overwrite(true)
+        .send()
+        .await
+        .unwrap();
+}
+
+#[tokio::test]
+async fn two_takeovers_of_one_stale_lock_leave_one_holder() {
+    let Some(sdk) = moto_sdk().await else { return };
+    let prefix = berth_tests::moto::unique_prefix("acme-lock-race");
+    let a = fleet::Fleet::new(&sdk, &prefix, SETTLE);
+    let b = fleet::Fleet::new(&sdk, &prefix, SETTLE);
+    let ttl = Duration::from_secs(60);
+    put_lock(&sdk, &prefix, "dead-instance", 1).await;
+
+    // Both read the same stale lock; a takes it over, then b (acting on its earlier read)
+    // takes over a's fresh lock: the interleaving in which both used to think they held it.
+    let seen_a = a.observe_lock().await.unwrap();
+    let seen_b = b.observe_lock().await.unwrap();
+    let claim_a = a.take_over(&seen_a, ttl).await.unwrap().expect("a's takeover was quick");
+    let claim_b = b.take_over(&seen_b, ttl).await.unwrap().expect("b's takeover was quick");
+    let (ra, rb) = tokio::join!(a.confirm(&claim_a), b.confirm(&claim_b));
+    let (ra, rb) = (ra.unwrap(), rb.unwrap());
+    assert_eq!(rb, Some(fleet::Lock::Acquired), "the last takeover holds it");
+    match ra {
+        Some(fleet::Lock::HeldBy { holder, .. }) => assert_eq!(holder, b.holder),
+        other => panic!("a must step back, got {other:?}"),
+    }
+    b.unlock().await.unwrap();
+
+    // A takeover that lands later than the settle time after its read may have clobbered a
+    // lock its holder already confirmed: it must not count, and must keep others out.
+    put_lock(&sdk, &prefix, "dead-instance", 1).await;
+    let seen_b = b.observe_lock().await.unwrap();
+    assert_eq!(a.try_lock(ttl).await.unwrap(), fleet::Lock::Acquired);
+    tokio::time::sleep(SETTLE).await;
+    assert!(b.take_over(&seen_b, ttl).await.unwrap().is_none(), "a slow takeover must not count");
+    // b's leftover value is a guard, not a lock b holds: b neither uses nor releases it.
+    assert!(matches!(b.try_lock(ttl).await.unwrap(), fleet::Lock::HeldBy { .. }));
+    b.unlock().await.unwrap();
+    let c = fleet::Fleet::new(&sdk, &prefix, SETTLE);
+    assert!(matches!(c.try_lock(ttl).await.unwrap(), fleet::Lock::HeldBy { .. }));
+}
+
+#[tokio::test]
+async fn an_instance_never_waits_on_its_own_lock_or_a_far_future_one() {
+    let Some(sdk) = moto_sdk().await else { return };
+    let prefix = berth_tests::moto::unique_prefix("acme-lock-own");
+    let a = fleet::Fleet::new(&sdk, &prefix, SETTLE);
+    let b = fleet::Fleet::new(&sdk, &prefix, SETTLE);
+    let ttl = Duration::from_secs(60);
+    // a took the lock and then lost track of it (an SSM error after the put): its next
+    // attempt takes it again instead of waiting up to the TTL for itself.
+    assert_eq!(a.try_lock(ttl).await.unwrap(), fleet::Lock::Acquired);
+    assert_eq!(a.try_lock(ttl).await.unwrap(), fleet::Lock::Acquired);
+    assert!(matches!(b.try_lock(ttl).await.unwrap(), fleet::Lock::HeldBy { .. }));
+    a.unlock().await.unwrap();
+
+    // A holder whose clock is years ahead, or a value no clock can hold, does not block
+    // the fleet: such an expiry is not believed.
+    let year_3000 = 32_503_680_000;
+    for expires in [year_3000, u64::MAX] {
+        put_lock(&sdk, &prefix, "clock-in-the-future", expires).await;
+        assert_eq!(b.try_lock(ttl).await.unwrap(), fleet::Lock::Acquired, "expires {expires}");
+        b.unlock().await.unwrap();
+    }
+    // One a little ahead (within the skew margin) still holds.
+    put_lock(&sdk, &prefix, "slightly-ahead", unix(SystemTime::now()) + 90).await;
+    assert!(matches!(b.try_lock(ttl).await.unwrap(), fleet::Lock::HeldBy { .. }));
 }
