@@ -23,7 +23,7 @@ use zeroize::Zeroizing;
 
 use super::cert::Issued;
 use super::fleet::{Fleet, FleetAccount, Lock};
-use super::http::{AcmeHttp, RetryAfter};
+use super::http::{cap_retry_after, AcmeHttp, RetryAfter};
 use super::local::LocalStore;
 use super::order::{self, Failure, FailureKind};
 use super::{jittered, rfc3339, unix, AcmeSetup, AcmeStatus, CertSource, CertificateStatus, OrderResult, RenewRequest};
@@ -435,7 +435,7 @@ impl Manager {
         }
         let said = f.retry_at.or_else(|| self.retry_after.take());
         match said {
-            Some(at) => wait = wait.max(at.duration_since(SystemTime::now()).unwrap_or_default()),
+            Some(at) => wait = wait.max(cap_retry_after(at.duration_since(SystemTime::now()).unwrap_or_default())),
             None if f.kind == FailureKind::RateLimited => wait = wait.max(t.rate_limit_floor),
             None => {}
         }
