@@ -196,18 +196,36 @@ impl Manager {
     }
 
     pub(crate) async fn run(mut self) {
-        self.connect_fleet().await;
+        // Everything that may talk to SSM or the CA races shutdown: with either unresponsive,
+        // a few request timeouts in a row would outlast systemd's stop timeout.
+        let stop = self.shutdown.clone();
+        tokio::select! {
+            () = self.connect_fleet() => {}
+            () = stop.cancelled() => return,
+        }
         let mut retry_at: Option<Instant> = None;
         let mut pending: Vec<RenewRequest> = Vec::new();
         loop {
-            if self.setups.has_changed().unwrap_or(false) && self.take_new_setup().await {
-                self.backoff.reset();
-                retry_at = None;
+            if self.setups.has_changed().unwrap_or(false) {
+                let reset = tokio::select! {
+                    r = self.take_new_setup() => r,
+                    () = stop.cancelled() => return,
+                };
+                if reset {
+                    self.backoff.reset();
+                    retry_at = None;
+                }
             }
-            if self.fleet.is_some() {
-                self.fleet_sync().await;
-            }
-            let (due, basis) = self.due().await;
+            let checked = async {
+                if self.fleet.is_some() {
+                    self.fleet_sync().await;
+                }
+                self.due().await
+            };
+            let (due, basis) = tokio::select! {
+                d = checked => d,
+                () = stop.cancelled() => return,
+            };
             self.update(|s| {
                 s.next_renewal = Some(unix(due.max(SystemTime::now())));
                 s.renewal_basis = Some(basis.to_owned());
@@ -220,7 +238,6 @@ impl Manager {
                 }
                 // Anything the CA said about an earlier attempt is stale now.
                 self.retry_after.take();
-                let stop = self.shutdown.clone();
                 let result = tokio::select! {
                     r = self.attempt(forced) => r,
                     _ = stop.cancelled() => {

@@ -691,3 +691,61 @@ async fn an_instance_never_waits_on_its_own_lock_or_a_far_future_one() {
     put_lock(&sdk, &prefix, "slightly-ahead", unix(SystemTime::now()) + 90).await;
     assert!(matches!(b.try_lock(ttl).await.unwrap(), fleet::Lock::HeldBy { .. }));
 }
+
+/// A server that accepts connections and never answers: an SSM endpoint or CA that hangs.
+async fn black_hole(shutdown: CancellationToken) -> SocketAddr {
+    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    tokio::spawn(async move {
+        let mut held = Vec::new();
+        loop {
+            tokio::select! {
+                Ok((c, _)) = listener.accept() => held.push(c),
+                _ = shutdown.cancelled() => return,
+            }
+        }
+    });
+    addr
+}
+
+#[tokio::test]
+async fn stop_is_prompt_while_ssm_and_the_ca_hang() {
+    use aws_sdk_ssm::config::{Credentials, SharedCredentialsProvider};
+    let hang = CancellationToken::new();
+    let addr = black_hole(hang.clone()).await;
+    let dir = TestDir::new();
+    let sdk = crate::aws::sdk_config(&crate::config::AwsConfig {
+        region: Some("us-east-1".into()),
+        endpoint_url: Some(format!("http://{addr}")),
+    })
+    .await
+    .into_builder()
+    .credentials_provider(SharedCredentialsProvider::new(Credentials::new("testing", "testing", None, None, "berth-tests")))
+    .build();
+    let setup = AcmeSetup {
+        tls: TlsConfig {
+            mode: TlsMode::Acme,
+            domains: vec!["hang.berth.test".into()],
+            cert_file: None,
+            key_file: None,
+            acme: None,
+        },
+        acme: AcmeConfig {
+            directory: format!("http://{addr}/dir"),
+            contact: vec![],
+            ca_bundle: None,
+            shared: Some("/berth-test/hang".into()),
+        },
+        state_dir: dir.path().to_owned(),
+        aws: Default::default(),
+        sdk: Some(sdk),
+        timing: fast_timing(),
+    };
+    let handle = spawn(setup, CertStore::new(), ChallengeResponder::new(), CancellationToken::new());
+    // Let the task get stuck in its first SSM poll.
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    let started = Instant::now();
+    tokio::time::timeout(Duration::from_secs(20), handle.stop()).await.expect("stop() returned");
+    assert!(started.elapsed() < Duration::from_secs(2), "stop took {:?}", started.elapsed());
+    hang.cancel();
+}
