@@ -565,6 +565,7 @@ async fn fleet_orders_once_and_shares() {
     for (_, certs, _) in &instances {
         verify_served(certs, "fleet.berth.test", pebble.root());
     }
+    assert_ssm_storage(&sdk, &prefix).await;
 
     // A fourth instance started later loads the certificate from SSM and orders nothing.
     let mut s = setup(&pebble, dirs[3].path(), &domains);
@@ -748,4 +749,63 @@ async fn stop_is_prompt_while_ssm_and_the_ca_hang() {
     tokio::time::timeout(Duration::from_secs(20), handle.stop()).await.expect("stop() returned");
     assert!(started.elapsed() < Duration::from_secs(2), "stop took {:?}", started.elapsed());
     hang.cancel();
+}
+
+/// A parameter's type and tier, as `aws ssm describe-parameters` shows them.
+async fn describe_parameter(
+    sdk: &aws_config::SdkConfig,
+    name: String,
+) -> (Option<aws_sdk_ssm::types::ParameterType>, Option<aws_sdk_ssm::types::ParameterTier>) {
+    let filter = aws_sdk_ssm::types::ParameterStringFilter::builder()
+        .key("Name")
+        .option("Equals")
+        .values(&name)
+        .build()
+        .unwrap();
+    let out = aws_sdk_ssm::Client::new(sdk).describe_parameters().parameter_filters(filter).send().await.unwrap();
+    let p = out.parameters().first().unwrap_or_else(|| panic!("no parameter {name}"));
+    (p.r#type().cloned(), p.tier().cloned())
+}
+
+/// What an operator sees in Parameter Store: the private keys encrypted, the certificate in
+/// the free tier unless it does not fit there.
+async fn assert_ssm_storage(sdk: &aws_config::SdkConfig, prefix: &str) {
+    use aws_sdk_ssm::types::{ParameterTier, ParameterType};
+    let ssm = aws_sdk_ssm::Client::new(sdk);
+    let describe = |name: String| describe_parameter(sdk, name);
+    for leaf in ["key", "account"] {
+        let (kind, _) = describe(format!("{prefix}/{leaf}")).await;
+        assert_eq!(kind, Some(ParameterType::SecureString), "{prefix}/{leaf} holds a private key");
+    }
+    let (kind, tier) = describe(format!("{prefix}/cert")).await;
+    assert_eq!(kind, Some(ParameterType::String));
+    assert_ne!(tier, Some(ParameterTier::Advanced), "a chain under 4 KB must not cost Advanced-tier money");
+    // Intelligent-Tiering is what berth asks for; real SSM reports the Standard it picks.
+    assert!(
+        matches!(tier, Some(ParameterTier::Standard | ParameterTier::IntelligentTiering)),
+        "{tier:?}"
+    );
+    let chain = ssm.get_parameter().name(format!("{prefix}/cert")).send().await.unwrap();
+    assert!(chain.parameter().unwrap().value().unwrap().len() <= 4096);
+}
+
+#[tokio::test]
+async fn a_long_chain_goes_to_the_advanced_tier() {
+    use aws_sdk_ssm::types::{ParameterTier, ParameterType};
+    let Some(sdk) = moto_sdk().await else { return };
+    let prefix = berth_tests::moto::unique_prefix("acme-tier");
+    let fleet = fleet::Fleet::new(&sdk, &prefix, SETTLE);
+    // A chain with many intermediates: one self-signed leaf, padded with copies of itself.
+    let key = rcgen::KeyPair::generate_for(&rcgen::PKCS_ECDSA_P256_SHA256).unwrap();
+    let params = rcgen::CertificateParams::new(vec!["long.berth.test".to_owned()]).unwrap();
+    let leaf = params.self_signed(&key).unwrap().pem();
+    let chain = leaf.repeat(4096 / leaf.len() + 2);
+    assert!(chain.len() > 4096);
+    let issued = cert::Issued::from_pem(chain, zeroize::Zeroizing::new(key.serialize_pem())).unwrap();
+    fleet.store_certificate(&issued).await.unwrap();
+    let (kind, tier) = describe_parameter(&sdk, format!("{prefix}/cert")).await;
+    assert_eq!((kind, tier), (Some(ParameterType::String), Some(ParameterTier::Advanced)));
+    let ssm = aws_sdk_ssm::Client::new(&sdk);
+    let key_param = ssm.get_parameter().name(format!("{prefix}/key")).send().await.unwrap();
+    assert_eq!(key_param.parameter().unwrap().r#type(), Some(&ParameterType::SecureString));
 }
