@@ -67,8 +67,16 @@ pub(crate) struct FleetAccount {
 impl FleetAccount {
     /// A new P-256 account key for `directory`, as the parameter's JSON.
     pub(crate) fn generate(directory: &str) -> anyhow::Result<Zeroizing<String>> {
-        use base64::prelude::{Engine, BASE64_URL_SAFE_NO_PAD};
         let (_, pkcs8) = instant_acme::Key::generate_pkcs8().map_err(|e| anyhow::anyhow!("generating the account key: {e}"))?;
+        Self::encode(directory, &pkcs8)
+    }
+
+    /// The parameter's JSON for an existing key (one the CA already registered).
+    pub(crate) fn encode(
+        directory: &str,
+        pkcs8: &rustls::pki_types::PrivatePkcs8KeyDer<'_>,
+    ) -> anyhow::Result<Zeroizing<String>> {
+        use base64::prelude::{Engine, BASE64_URL_SAFE_NO_PAD};
         let value = FleetAccount {
             directory: directory.to_owned(),
             key_pkcs8: BASE64_URL_SAFE_NO_PAD.encode(pkcs8.secret_pkcs8_der()),

@@ -90,6 +90,15 @@ impl Pebble {
         })
     }
 
+    /// Makes this Pebble register only accounts bound to `kid` with MAC key `key`.
+    fn require_eab(&self, kid: &str, key: &str) {
+        let path = self.dir.path().join("pebble.json");
+        let mut cfg: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(&path).unwrap()).unwrap();
+        cfg["pebble"]["externalAccountBindingRequired"] = true.into();
+        cfg["pebble"]["externalAccountMACKeys"] = serde_json::json!({ kid: key });
+        self.dir.write("pebble.json", &cfg.to_string());
+    }
+
     fn start(&mut self) {
         let log = std::fs::File::create(self.log_path()).unwrap();
         let mut cmd = Command::new(&self.bin);
@@ -197,6 +206,7 @@ fn setup(pebble: &Pebble, state_dir: &Path, domains: &[&str]) -> AcmeSetup {
             contact: vec!["mailto:ops@example.com".into()],
             ca_bundle: Some(pebble.ca.clone().into()),
             shared: None,
+            ..Default::default()
         },
         state_dir: state_dir.to_owned(),
         aws: Default::default(),
@@ -736,6 +746,7 @@ async fn stop_is_prompt_while_ssm_and_the_ca_hang() {
             contact: vec![],
             ca_bundle: None,
             shared: Some("/berth-test/hang".into()),
+            ..Default::default()
         },
         state_dir: dir.path().to_owned(),
         aws: Default::default(),
@@ -808,4 +819,88 @@ async fn a_long_chain_goes_to_the_advanced_tier() {
     let ssm = aws_sdk_ssm::Client::new(&sdk);
     let key_param = ssm.get_parameter().name(format!("{prefix}/key")).send().await.unwrap();
     assert_eq!(key_param.parameter().unwrap().r#type(), Some(&ParameterType::SecureString));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_ca_requiring_eab_refuses_berth_without_the_key_and_accepts_it_with() {
+    const KID: &str = "berth-kid-1";
+    const KEY: &str = "zWNDZM6eQGHWpSRTPal5eIUYFTu7EajVIoguysqZ9wG44nMEtx3MUAsUDkMTQ12W";
+    let Some(mut pebble) = Pebble::configure(None, Some(0)) else { return };
+    pebble.require_eab(KID, KEY);
+    pebble.start();
+    let stop = CancellationToken::new();
+    let responder = ChallengeResponder::new();
+    serve_http01(pebble.http01, responder.clone(), stop.clone()).await;
+    let domains = ["eab.berth.test"];
+    let root = pebble.root();
+
+    // Without EAB, and with the wrong MAC key: no account, so no order.
+    let wrong = "AAAAZM6eQGHWpSRTPal5eIUYFTu7EajVIoguysqZ9wG44nMEtx3MUAsUDkMTQ12W";
+    for (what, key, refusal) in [
+        ("without EAB", None, "externalAccountRequired"),
+        ("with the wrong MAC key", Some(wrong), "external account binding"),
+    ] {
+        let dir = TestDir::new();
+        let mut s = setup(&pebble, dir.path(), &domains);
+        s.acme.eab_kid = key.map(|_| KID.to_owned());
+        s.acme.eab_hmac_key = key.map(|k| crate::secrets::Secret::new(k.to_owned()));
+        let handle = spawn(s, CertStore::new(), responder.clone(), CancellationToken::new());
+        let err = wait_until("the account to be refused", Duration::from_secs(20), || {
+            handle.status().last_order.and_then(|o| o.error)
+        })
+        .await;
+        assert!(err.contains("creating the ACME account") && err.contains(refusal), "{what}: {err}");
+        assert!(!err.contains(wrong), "{what}: the key must not be in the message: {err}");
+        assert!(ordered_cert(&handle).is_none(), "{what}");
+        handle.stop().await;
+    }
+    assert_eq!(pebble.orders(), 0);
+
+    // With the key, inline in the config: an account, an order, a certificate that verifies.
+    let dir = TestDir::new();
+    let mut s = setup(&pebble, dir.path(), &domains);
+    s.acme.eab_kid = Some(KID.into());
+    s.acme.eab_hmac_key = Some(crate::secrets::Secret::new(KEY.into()));
+    let certs = CertStore::new();
+    let handle = spawn(s, certs.clone(), responder.clone(), CancellationToken::new());
+    wait_until("a certificate with EAB", Duration::from_secs(30), || ordered_cert(&handle)).await;
+    verify_served(&certs, "eab.berth.test", root.clone());
+    handle.stop().await;
+
+    // And from an SSM parameter.
+    if let Some(sdk) = moto_sdk().await {
+        let name = format!("{}/eab-hmac-key", berth_tests::moto::unique_prefix("acme-eab"));
+        aws_sdk_ssm::Client::new(&sdk)
+            .put_parameter()
+            .name(&name)
+            .r#type(aws_sdk_ssm::types::ParameterType::SecureString)
+            .value(KEY)
+            .send()
+            .await
+            .unwrap();
+        let dir = TestDir::new();
+        let mut s = setup(&pebble, dir.path(), &domains);
+        s.acme.eab_kid = Some(KID.into());
+        s.acme.eab_hmac_key_parameter = Some(name);
+        s.sdk = Some(sdk);
+        let certs = CertStore::new();
+        let handle = spawn(s, certs.clone(), responder.clone(), CancellationToken::new());
+        wait_until("a certificate with EAB from SSM", Duration::from_secs(30), || ordered_cert(&handle)).await;
+        verify_served(&certs, "eab.berth.test", root.clone());
+        handle.stop().await;
+
+        // Fleet mode registers the shared account key with EAB too.
+        let dir = TestDir::new();
+        let mut s = setup(&pebble, dir.path(), &domains);
+        s.acme.eab_kid = Some(KID.into());
+        s.acme.eab_hmac_key = Some(crate::secrets::Secret::new(KEY.into()));
+        s.acme.shared = Some(berth_tests::moto::unique_prefix("acme-eab-fleet"));
+        s.sdk = moto_sdk().await;
+        let certs = CertStore::new();
+        let handle = spawn(s, certs.clone(), responder.clone(), CancellationToken::new());
+        wait_until("a fleet certificate with EAB", Duration::from_secs(30), || ordered_cert(&handle)).await;
+        verify_served(&certs, "eab.berth.test", root);
+        handle.stop().await;
+    }
+    stop.cancel();
 }
