@@ -271,7 +271,8 @@ impl Fleet {
         }
         match believed {
             Some(expires) if expires > now => Judgement::HeldBy(Lock::HeldBy {
-                holder: current.holder,
+                // Our guard stands for whoever we may have clobbered; we do not know who.
+                holder: if is_guard { UNCONFIRMED.into() } else { current.holder },
                 expires,
             }),
             _ => {
@@ -441,10 +442,13 @@ fn parse_lock(raw: &str) -> LockValue {
     })
 }
 
+/// Who holds the lock, as far as we know, after a takeover we could not be sure of.
+const UNCONFIRMED: &str = "unknown (a takeover of a stale lock raced with ours)";
+
 /// What we tell the manager after a takeover we could not be sure of.
 fn unconfirmed(ttl: Duration) -> Lock {
     Lock::HeldBy {
-        holder: "unknown (a takeover of a stale lock raced with ours)".into(),
+        holder: UNCONFIRMED.into(),
         expires: SystemTime::now().checked_add(ttl).unwrap_or_else(SystemTime::now),
     }
 }

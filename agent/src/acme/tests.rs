@@ -670,7 +670,10 @@ async fn two_takeovers_of_one_stale_lock_leave_one_holder() {
     tokio::time::sleep(SETTLE).await;
     assert!(b.take_over(&seen_b, ttl).await.unwrap().is_none(), "a slow takeover must not count");
     // b's leftover value is a guard, not a lock b holds: b neither uses nor releases it.
-    assert!(matches!(b.try_lock(ttl).await.unwrap(), fleet::Lock::HeldBy { .. }));
+    match b.try_lock(ttl).await.unwrap() {
+        fleet::Lock::HeldBy { holder, .. } => assert_ne!(holder, b.holder),
+        other => panic!("b must not hold its guard: {other:?}"),
+    }
     b.unlock().await.unwrap();
     let c = fleet::Fleet::new(&sdk, &prefix, SETTLE);
     assert!(matches!(c.try_lock(ttl).await.unwrap(), fleet::Lock::HeldBy { .. }));
