@@ -16,6 +16,8 @@ use std::time::Duration;
 use serde::de::{self, Deserializer, MapAccess, SeqAccess, Visitor};
 use serde::Deserialize;
 
+use crate::secrets::Secret;
+
 /// The default location, used when neither `-c` nor `$BERTH_CONFIG` says otherwise.
 pub const DEFAULT_PATH: &str = "/etc/berth/berth.toml";
 
@@ -231,6 +233,13 @@ pub struct AcmeConfig {
     pub contact: Vec<String>,
     pub ca_bundle: Option<PathBuf>,
     pub shared: Option<String>,
+    /// External Account Binding (RFC 8555 §7.3.4), for CAs that only register accounts
+    /// they know (ZeroSSL, Google, most private CAs): the key identifier the CA issued.
+    pub eab_kid: Option<String>,
+    /// The EAB MAC key, base64url, written inline. `Secret`: never printed.
+    pub eab_hmac_key: Option<Secret>,
+    /// ...or the SSM parameter (SecureString) holding it, so the file holds no secret.
+    pub eab_hmac_key_parameter: Option<String>,
 }
 
 impl Default for AcmeConfig {
@@ -240,6 +249,9 @@ impl Default for AcmeConfig {
             contact: Vec::new(),
             ca_bundle: None,
             shared: None,
+            eab_kid: None,
+            eab_hmac_key: None,
+            eab_hmac_key_parameter: None,
         }
     }
 }
@@ -636,6 +648,32 @@ impl Config {
                         }
                     }
                 }
+                match (&acme.eab_kid, &acme.eab_hmac_key, &acme.eab_hmac_key_parameter) {
+                    (None, None, None) => {}
+                    (Some(kid), key, param) => {
+                        if kid.trim().is_empty() {
+                            v.err("tls.acme.eab_kid", "must be the key identifier your CA gave you");
+                        }
+                        match (key, param) {
+                            (None, None) => v.err("tls.acme.eab_kid", "needs tls.acme.eab_hmac_key or tls.acme.eab_hmac_key_parameter"),
+                            (Some(_), Some(_)) => v.err("tls.acme.eab_hmac_key", "set eab_hmac_key or eab_hmac_key_parameter, not both"),
+                            (Some(k), None) => {
+                                if let Err(why) = eab_hmac_key_bytes(k.expose()) {
+                                    v.err("tls.acme.eab_hmac_key", why);
+                                }
+                            }
+                            (None, Some(name)) => {
+                                if name.trim().is_empty() {
+                                    v.err("tls.acme.eab_hmac_key_parameter", "must name the SSM parameter holding the key");
+                                }
+                            }
+                        }
+                    }
+                    (None, key, _) => {
+                        let k = if key.is_some() { "tls.acme.eab_hmac_key" } else { "tls.acme.eab_hmac_key_parameter" };
+                        v.err(k, "is used only with tls.acme.eab_kid, the key identifier it belongs to");
+                    }
+                }
             }
             TlsMode::Files => {
                 if self.tls.cert_file.is_none() {
@@ -1017,6 +1055,19 @@ fn split_key_path(key: &str) -> Vec<Seg<'_>> {
     out
 }
 
+/// The EAB MAC key from its base64url text (CAs print it with or without padding). The
+/// error never quotes the value: it is a secret.
+pub fn eab_hmac_key_bytes(text: &str) -> Result<zeroize::Zeroizing<Vec<u8>>, String> {
+    use base64::prelude::{Engine, BASE64_URL_SAFE_NO_PAD};
+    let bytes = BASE64_URL_SAFE_NO_PAD
+        .decode(text.trim().trim_end_matches('='))
+        .map_err(|_| "is not base64url (the alphabet A-Z a-z 0-9 - _); copy the key exactly as your CA shows it".to_owned())?;
+    if bytes.is_empty() {
+        return Err("is empty".into());
+    }
+    Ok(zeroize::Zeroizing::new(bytes))
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -1092,6 +1143,32 @@ routes = ["api.example.com/"]
             assert_eq!(p[0].position.map(|x| x.0), Some(8), "{bad}: {p:?}");
             assert!(p[0].message.contains("between 1s and 7days"), "{bad}: {p:?}");
         }
+    }
+
+    #[test]
+    fn eab_keys_come_as_a_pair_and_the_key_is_never_printed() {
+        let with = |extra: &str| GOOD.replace("contact = [\"mailto:ops@example.com\"]", &format!("contact = [\"mailto:ops@example.com\"]\n{extra}"));
+        let key = "zWNDZM6eQGHWpSRTPal5eIUYFTu7EajVIoguysqZ9wG44nMEtx3MUAsUDkMTQ12W";
+        let c = Config::parse(&with(&format!("eab_kid = \"kid-1\"\neab_hmac_key = \"{key}\""))).unwrap();
+        assert_eq!(c.acme().eab_kid.as_deref(), Some("kid-1"));
+        assert!(!format!("{:?}", c.acme()).contains(key), "Debug must redact the MAC key");
+        let c = Config::parse(&with("eab_kid = \"kid-1\"\neab_hmac_key_parameter = \"/ca/eab-key\"")).unwrap();
+        assert_eq!(c.acme().eab_hmac_key_parameter.as_deref(), Some("/ca/eab-key"));
+
+        let keys = |extra: &str| problems(&with(extra)).into_iter().map(|p| (p.key, p.message)).collect::<Vec<_>>();
+        let p = keys("eab_kid = \"kid-1\"");
+        assert_eq!(p.len(), 1, "{p:?}");
+        assert!(p[0].0 == "tls.acme.eab_kid" && p[0].1.contains("eab_hmac_key"), "{p:?}");
+        let p = keys(&format!("eab_hmac_key = \"{key}\""));
+        assert!(p.len() == 1 && p[0].0 == "tls.acme.eab_hmac_key" && p[0].1.contains("eab_kid"), "{p:?}");
+        let p = keys(&format!("eab_kid = \"k\"\neab_hmac_key = \"{key}\"\neab_hmac_key_parameter = \"/x\""));
+        assert!(p.len() == 1 && p[0].1.contains("not both"), "{p:?}");
+        let p = keys("eab_kid = \"k\"\neab_hmac_key = \"not base64 +/ at all!\"");
+        assert!(p.len() == 1 && p[0].0 == "tls.acme.eab_hmac_key" && p[0].1.contains("base64url"), "{p:?}");
+        assert!(!p[0].1.contains("at all"), "the message must not quote the secret: {p:?}");
+        // Padding, as some CAs print it, is accepted.
+        assert_eq!(eab_hmac_key_bytes("YWJj").unwrap().as_slice(), b"abc");
+        assert_eq!(eab_hmac_key_bytes("YWI=").unwrap().as_slice(), b"ab");
     }
 
     #[test]

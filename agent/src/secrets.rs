@@ -42,8 +42,10 @@ const SECRETS_MANAGER_REFERENCE: &str = "/aws/reference/secretsmanager/";
 
 /// One secret value. It cannot be printed (`Debug` and `Display` say `<redacted>`), is not
 /// serializable, and its memory is overwritten when it is dropped; [`Secret::expose`] is the
-/// one way to read it, so every use is a visible decision in the code.
-#[derive(Clone, PartialEq, Eq)]
+/// one way to read it, so every use is a visible decision in the code. It deserializes, for
+/// a secret written into the config file itself (`tls.acme.eab_hmac_key`).
+#[derive(Clone, PartialEq, Eq, serde::Deserialize)]
+#[serde(transparent)]
 pub struct Secret(String);
 
 impl Secret {

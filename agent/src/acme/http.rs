@@ -33,6 +33,11 @@ use rustls::pki_types::CertificateDer;
 const REQUEST_TIMEOUT: Duration = Duration::from_secs(30);
 const CONNECT_TIMEOUT: Duration = Duration::from_secs(10);
 
+/// The longest wait a `Retry-After` can impose. A CA may say "a week" (or, broken, "year
+/// 9999"); asking again after a day costs it one request, and a wait past this would only
+/// leave a certificate to expire.
+pub(crate) const MAX_RETRY_AFTER: Duration = Duration::from_secs(24 * 3600);
+
 /// `badNonce` answers seen by this process.
 pub(crate) static BAD_NONCES: AtomicU64 = AtomicU64::new(0);
 
@@ -125,9 +130,23 @@ impl HttpClient for AcmeHttp {
                 BAD_NONCES.fetch_add(1, Ordering::Relaxed);
                 tracing::debug!("the CA rejected a nonce (badNonce); retrying with a fresh one");
             }
-            if parts.status.is_client_error() || parts.status.is_server_error() {
-                if let Some(at) = parts.headers.get(RETRY_AFTER).and_then(|v| v.to_str().ok()).and_then(parse_retry_after) {
-                    retry_after.note(at);
+            let mut parts = parts;
+            let said = parts.headers.get(RETRY_AFTER).map(|v| v.to_str().ok().and_then(parse_retry_after));
+            match said {
+                None => {}
+                Some(Some(at)) => {
+                    if parts.status.is_client_error() || parts.status.is_server_error() {
+                        retry_after.note(at);
+                    }
+                    // instant-acme reads the header too (order polling, ARI) and adds it to
+                    // the clock unchecked, which panics for a huge value: it gets the capped
+                    // delay instead.
+                    let d = at.duration_since(SystemTime::now()).unwrap_or_default();
+                    let secs = d.as_secs() + u64::from(d.subsec_nanos() > 0);
+                    parts.headers.insert(RETRY_AFTER, http::HeaderValue::from(secs));
+                }
+                Some(None) => {
+                    parts.headers.remove(RETRY_AFTER);
                 }
             }
             Ok(BytesResponse {
@@ -138,13 +157,20 @@ impl HttpClient for AcmeHttp {
     }
 }
 
-/// RFC 9110 `Retry-After`: delay-seconds or an HTTP-date.
+/// RFC 9110 `Retry-After`: delay-seconds or an HTTP-date, as the moment to wait for, no
+/// more than [`MAX_RETRY_AFTER`] from now.
 pub(crate) fn parse_retry_after(value: &str) -> Option<SystemTime> {
     let value = value.trim();
-    if let Ok(secs) = value.parse::<u64>() {
-        return Some(SystemTime::now() + Duration::from_secs(secs));
-    }
-    httpdate_parse(value)
+    let now = SystemTime::now();
+    let wait = match value.parse::<u64>() {
+        Ok(secs) => Duration::from_secs(secs),
+        Err(_) => httpdate_parse(value)?.duration_since(now).unwrap_or_default(),
+    };
+    Some(now + cap_retry_after(wait))
+}
+
+pub(crate) fn cap_retry_after(wait: Duration) -> Duration {
+    wait.min(MAX_RETRY_AFTER)
 }
 
 /// IMF-fixdate (`Sun, 06 Nov 1994 08:49:37 GMT`), the only form RFC 9110 says to send.
@@ -157,15 +183,16 @@ fn httpdate_parse(s: &str) -> Option<SystemTime> {
         .position(|m| Some(*m) == it.clone().next())? as u64
         + 1;
     it.next();
-    let year: i64 = it.next()?.parse().ok()?;
-    let mut hms = it.next()?.split(':').map(|p| p.parse::<u64>().ok());
+    // The grammar's year has four digits; bounding it keeps the arithmetic below in range.
+    let year: i64 = it.next()?.parse().ok().filter(|y| (1970..=9999).contains(y))?;
+    let mut hms = it.next()?.split(':').map(|p| p.parse::<u64>().ok().filter(|v| *v < 60));
     let (h, m, sec) = (hms.next()??, hms.next()??, hms.next()??);
-    if it.next()? != "GMT" {
+    if it.next()? != "GMT" || h >= 24 {
         return None;
     }
     let days = days_from_civil(year, month, day)?;
     let secs = u64::try_from(days).ok()? * 86_400 + h * 3600 + m * 60 + sec;
-    Some(SystemTime::UNIX_EPOCH + Duration::from_secs(secs))
+    SystemTime::UNIX_EPOCH.checked_add(Duration::from_secs(secs))
 }
 
 /// Days since 1970-01-01 for a proleptic Gregorian date (Howard Hinnant's algorithm).
@@ -191,9 +218,46 @@ mod tests {
         let t = parse_retry_after("120").unwrap();
         let d = t.duration_since(SystemTime::now()).unwrap();
         assert!(d > Duration::from_secs(118) && d <= Duration::from_secs(120));
-        let t = parse_retry_after("Sun, 06 Nov 1994 08:49:37 GMT").unwrap();
+        let t = httpdate_parse("Sun, 06 Nov 1994 08:49:37 GMT").unwrap();
         assert_eq!(t.duration_since(SystemTime::UNIX_EPOCH).unwrap().as_secs(), 784_111_777);
+        // A date in the past: no wait.
+        let t = parse_retry_after("Sun, 06 Nov 1994 08:49:37 GMT").unwrap();
+        assert!(t.duration_since(SystemTime::now()).unwrap_or_default() < Duration::from_secs(1));
         assert!(parse_retry_after("soon").is_none());
         assert!(parse_retry_after("Sun, 06 Foo 1994 08:49:37 GMT").is_none());
+    }
+
+    #[test]
+    fn absurd_retry_after_is_capped_not_a_panic() {
+        let in_at_most = |v: &str| parse_retry_after(v).unwrap().duration_since(SystemTime::now()).unwrap_or_default();
+        for v in [&u64::MAX.to_string(), "18446744073709551", "Fri, 31 Dec 9999 23:59:59 GMT"] {
+            let wait = in_at_most(v);
+            assert!(wait <= MAX_RETRY_AFTER && wait > MAX_RETRY_AFTER - Duration::from_secs(5), "{v}: {wait:?}");
+        }
+        // Years outside the grammar are refused, not computed with.
+        assert!(parse_retry_after("Fri, 31 Dec 99999999999999 23:59:59 GMT").is_none());
+        assert!(parse_retry_after("Fri, 31 Dec -9223372036854775808 23:59:59 GMT").is_none());
+    }
+
+    /// instant-acme parses `Retry-After` itself, unchecked: what it gets must be capped.
+    #[tokio::test]
+    async fn the_header_instant_acme_sees_is_capped() {
+        use tokio::io::{AsyncReadExt, AsyncWriteExt};
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        tokio::spawn(async move {
+            let (mut s, _) = listener.accept().await.unwrap();
+            let mut buf = [0u8; 4096];
+            let _ = s.read(&mut buf).await;
+            let rsp = format!("HTTP/1.1 429 Too Many Requests\r\nRetry-After: {}\r\nContent-Length: 0\r\n\r\n", u64::MAX);
+            s.write_all(rsp.as_bytes()).await.unwrap();
+        });
+        let noted = RetryAfter::default();
+        let client = AcmeHttp::new(None, noted.clone()).unwrap();
+        let req = http::Request::get(format!("http://{addr}/")).body(BodyWrapper::default()).unwrap();
+        let rsp = client.request(req).await.unwrap();
+        let secs: u64 = rsp.parts.headers[RETRY_AFTER].to_str().unwrap().parse().unwrap();
+        assert!(secs <= MAX_RETRY_AFTER.as_secs(), "{secs}");
+        assert!(noted.take().is_some_and(|t| t <= SystemTime::now() + MAX_RETRY_AFTER));
     }
 }

@@ -16,14 +16,14 @@ use std::time::{Duration, Instant, SystemTime};
 
 use berth_proxy::challenge::ChallengeResponder;
 use berth_proxy::tls::CertStore;
-use instant_acme::{Account, NewAccount};
+use instant_acme::{Account, ExternalAccountKey, NewAccount};
 use tokio::sync::{mpsc, watch};
 use tokio_util::sync::CancellationToken;
 use zeroize::Zeroizing;
 
 use super::cert::Issued;
 use super::fleet::{Fleet, FleetAccount, Lock};
-use super::http::{AcmeHttp, RetryAfter};
+use super::http::{cap_retry_after, AcmeHttp, RetryAfter};
 use super::local::LocalStore;
 use super::order::{self, Failure, FailureKind};
 use super::{jittered, rfc3339, unix, AcmeSetup, AcmeStatus, CertSource, CertificateStatus, OrderResult, RenewRequest};
@@ -149,7 +149,7 @@ impl Manager {
                     Some(sdk) => sdk,
                     None => crate::aws::sdk_config(&self.setup.aws).await,
                 };
-                Some(Fleet::new(&sdk, &prefix))
+                Some(Fleet::new(&sdk, &prefix, self.setup.timing.lock_settle))
             }
             None => None,
         };
@@ -196,18 +196,36 @@ impl Manager {
     }
 
     pub(crate) async fn run(mut self) {
-        self.connect_fleet().await;
+        // Everything that may talk to SSM or the CA races shutdown: with either unresponsive,
+        // a few request timeouts in a row would outlast systemd's stop timeout.
+        let stop = self.shutdown.clone();
+        tokio::select! {
+            () = self.connect_fleet() => {}
+            () = stop.cancelled() => return,
+        }
         let mut retry_at: Option<Instant> = None;
         let mut pending: Vec<RenewRequest> = Vec::new();
         loop {
-            if self.setups.has_changed().unwrap_or(false) && self.take_new_setup().await {
-                self.backoff.reset();
-                retry_at = None;
+            if self.setups.has_changed().unwrap_or(false) {
+                let reset = tokio::select! {
+                    r = self.take_new_setup() => r,
+                    () = stop.cancelled() => return,
+                };
+                if reset {
+                    self.backoff.reset();
+                    retry_at = None;
+                }
             }
-            if self.fleet.is_some() {
-                self.fleet_sync().await;
-            }
-            let (due, basis) = self.due().await;
+            let checked = async {
+                if self.fleet.is_some() {
+                    self.fleet_sync().await;
+                }
+                self.due().await
+            };
+            let (due, basis) = tokio::select! {
+                d = checked => d,
+                () = stop.cancelled() => return,
+            };
             self.update(|s| {
                 s.next_renewal = Some(unix(due.max(SystemTime::now())));
                 s.renewal_basis = Some(basis.to_owned());
@@ -220,7 +238,6 @@ impl Manager {
                 }
                 // Anything the CA said about an earlier attempt is stale now.
                 self.retry_after.take();
-                let stop = self.shutdown.clone();
                 let result = tokio::select! {
                     r = self.attempt(forced) => r,
                     _ = stop.cancelled() => {
@@ -435,7 +452,7 @@ impl Manager {
         }
         let said = f.retry_at.or_else(|| self.retry_after.take());
         match said {
-            Some(at) => wait = wait.max(at.duration_since(SystemTime::now()).unwrap_or_default()),
+            Some(at) => wait = wait.max(cap_retry_after(at.duration_since(SystemTime::now()).unwrap_or_default())),
             None if f.kind == FailureKind::RateLimited => wait = wait.max(t.rate_limit_floor),
             None => {}
         }
@@ -617,19 +634,7 @@ impl Manager {
                 Err(e) => return Err(Failure::transient(format!("{e:#}"))),
             }
         }
-        let contact: Vec<&str> = self.setup.acme.contact.iter().map(String::as_str).collect();
-        let (account, credentials) = Account::builder_with_http(self.http()?)
-            .create(
-                &NewAccount {
-                    contact: &contact,
-                    terms_of_service_agreed: true,
-                    only_return_existing: false,
-                },
-                self.directory().to_owned(),
-                None,
-            )
-            .await
-            .map_err(|e| Failure::from_acme("creating the ACME account", e))?;
+        let (account, credentials) = self.create_account().await?;
         let json = Zeroizing::new(
             serde_json::to_string(&credentials).map_err(|e| Failure::transient(format!("serializing the account: {e}")))?,
         );
@@ -639,6 +644,66 @@ impl Manager {
         tracing::info!(domain = %self.label, account = %account.id(), directory = %self.directory(), "ACME account created");
         self.recreate_account = false;
         Ok(account)
+    }
+
+    /// Registers a new account (new key) with the CA, bound to the CA's external account
+    /// when `tls.acme.eab_kid` is set.
+    async fn create_account(&self) -> Result<(Account, instant_acme::AccountCredentials), Failure> {
+        let eab = self.external_account_key().await?;
+        let contact: Vec<&str> = self.setup.acme.contact.iter().map(String::as_str).collect();
+        Account::builder_with_http(self.http()?)
+            .create(
+                &NewAccount {
+                    contact: &contact,
+                    terms_of_service_agreed: true,
+                    only_return_existing: false,
+                },
+                self.directory().to_owned(),
+                eab.as_ref(),
+            )
+            .await
+            .map_err(|e| Failure::from_acme("creating the ACME account", e))
+    }
+
+    /// The EAB key from `tls.acme.eab_hmac_key` or the SSM parameter named by
+    /// `eab_hmac_key_parameter`; read only when an account is created, which is rare.
+    async fn external_account_key(&self) -> Result<Option<ExternalAccountKey>, Failure> {
+        let acme = &self.setup.acme;
+        let Some(kid) = &acme.eab_kid else {
+            return Ok(None);
+        };
+        let text = match (&acme.eab_hmac_key, &acme.eab_hmac_key_parameter) {
+            (Some(key), _) => Zeroizing::new(key.expose().to_owned()),
+            (None, Some(name)) => self.eab_key_from_ssm(name).await?,
+            (None, None) => return Err(Failure::transient("tls.acme.eab_kid is set without its MAC key")),
+        };
+        // Never quote `text` in a message: it is the secret.
+        let bytes = crate::config::eab_hmac_key_bytes(&text)
+            .map_err(|why| Failure::transient(format!("the EAB MAC key {why}")))?;
+        Ok(Some(ExternalAccountKey::new(kid.clone(), &bytes)))
+    }
+
+    async fn eab_key_from_ssm(&self, name: &str) -> Result<Zeroizing<String>, Failure> {
+        let sdk = match &self.setup.sdk {
+            Some(sdk) => sdk.clone(),
+            None => crate::aws::sdk_config(&self.setup.aws).await,
+        };
+        let out = aws_sdk_ssm::Client::new(&sdk)
+            .get_parameter()
+            .name(name)
+            .with_decryption(true)
+            .send()
+            .await
+            .map_err(|e| {
+                Failure::transient(format!(
+                    "reading tls.acme.eab_hmac_key_parameter {name}: {}",
+                    aws_sdk_ssm::error::DisplayErrorContext(&e)
+                ))
+            })?;
+        out.parameter
+            .and_then(|p| p.value)
+            .map(Zeroizing::new)
+            .ok_or_else(|| Failure::transient(format!("SSM returned no value for tls.acme.eab_hmac_key_parameter {name}")))
     }
 
     /// Fleet: the account key from SSM (generated and offered create-only if there is none;
@@ -680,7 +745,17 @@ impl Manager {
                 return Ok(json);
             }
         }
-        let ours = FleetAccount::generate(self.directory()).map_err(|e| Failure::transient(format!("{e:#}")))?;
+        let ours = if self.setup.acme.eab_kid.is_some() {
+            // A CA that wants EAB registers no bare key, and instant-acme binds only a key it
+            // generates itself: register first, then share that key. An instance that loses
+            // the race below uses the winner's key, which the CA then knows already.
+            let (_, credentials) = self.create_account().await?;
+            FleetAccount::encode(self.directory(), credentials.private_key())
+        } else {
+            FleetAccount::generate(self.directory())
+        }
+        .map_err(|e| Failure::transient(format!("{e:#}")))?;
+        let fleet = self.fleet.as_ref().expect("fleet mode");
         let stored = if self.recreate_account {
             fleet.replace_account(&ours).await.map(|()| true)
         } else {

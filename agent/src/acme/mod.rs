@@ -93,6 +93,9 @@ pub(crate) struct Timing {
     pub fleet_busy_poll: Duration,
     /// Fleet: how long an order lock is valid; an attempt is cut off before it runs out.
     pub lock_ttl: Duration,
+    /// Fleet: how long a new order lock must stand before it counts; well above SSM's
+    /// latency (see `fleet::Fleet::take_over`).
+    pub lock_settle: Duration,
     /// The longest single sleep: schedules are re-evaluated at least this often, so a wall
     /// clock that jumps (or a suspended VM) never makes a renewal late by more than this.
     pub max_sleep: Duration,
@@ -109,6 +112,7 @@ impl Default for Timing {
             fleet_poll: Duration::from_secs(30),
             fleet_busy_poll: Duration::from_secs(3),
             lock_ttl: Duration::from_secs(600),
+            lock_settle: Duration::from_secs(3),
             max_sleep: Duration::from_secs(3600),
         }
     }

@@ -60,7 +60,7 @@ impl Failure {
         let (kind, retry_at) = match &e {
             instant_acme::Error::Api(p) => (kind_of_problem(p.r#type.as_deref()), None),
             instant_acme::Error::Timeout(Some(at)) => {
-                let wait = at.saturating_duration_since(std::time::Instant::now());
+                let wait = super::http::cap_retry_after(at.saturating_duration_since(std::time::Instant::now()));
                 (FailureKind::Transient, Some(SystemTime::now() + wait))
             }
             _ => (FailureKind::Transient, None),

@@ -90,6 +90,15 @@ impl Pebble {
         })
     }
 
+    /// Makes this Pebble register only accounts bound to `kid` with MAC key `key`.
+    fn require_eab(&self, kid: &str, key: &str) {
+        let path = self.dir.path().join("pebble.json");
+        let mut cfg: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(&path).unwrap()).unwrap();
+        cfg["pebble"]["externalAccountBindingRequired"] = true.into();
+        cfg["pebble"]["externalAccountMACKeys"] = serde_json::json!({ kid: key });
+        self.dir.write("pebble.json", &cfg.to_string());
+    }
+
     fn start(&mut self) {
         let log = std::fs::File::create(self.log_path()).unwrap();
         let mut cmd = Command::new(&self.bin);
@@ -178,6 +187,7 @@ fn fast_timing() -> Timing {
         fleet_poll: Duration::from_secs(1),
         fleet_busy_poll: Duration::from_millis(300),
         lock_ttl: Duration::from_secs(60),
+        lock_settle: Duration::from_millis(500),
         max_sleep: Duration::from_secs(1),
     }
 }
@@ -196,6 +206,7 @@ fn setup(pebble: &Pebble, state_dir: &Path, domains: &[&str]) -> AcmeSetup {
             contact: vec!["mailto:ops@example.com".into()],
             ca_bundle: Some(pebble.ca.clone().into()),
             shared: None,
+            ..Default::default()
         },
         state_dir: state_dir.to_owned(),
         aws: Default::default(),
@@ -564,6 +575,7 @@ async fn fleet_orders_once_and_shares() {
     for (_, certs, _) in &instances {
         verify_served(certs, "fleet.berth.test", pebble.root());
     }
+    assert_ssm_storage(&sdk, &prefix).await;
 
     // A fourth instance started later loads the certificate from SSM and orders nothing.
     let mut s = setup(&pebble, dirs[3].path(), &domains);
@@ -583,8 +595,8 @@ async fn fleet_orders_once_and_shares() {
 async fn fleet_lock_is_exclusive_and_a_stale_one_is_taken_over() {
     let Some(sdk) = moto_sdk().await else { return };
     let prefix = berth_tests::moto::unique_prefix("acme-lock");
-    let a = fleet::Fleet::new(&sdk, &prefix);
-    let b = fleet::Fleet::new(&sdk, &prefix);
+    let a = fleet::Fleet::new(&sdk, &prefix, SETTLE);
+    let b = fleet::Fleet::new(&sdk, &prefix, SETTLE);
     assert_eq!(a.try_lock(Duration::from_secs(60)).await.unwrap(), fleet::Lock::Acquired);
     match b.try_lock(Duration::from_secs(60)).await.unwrap() {
         fleet::Lock::HeldBy { holder, .. } => assert_eq!(holder, a.holder),
@@ -609,4 +621,289 @@ async fn fleet_lock_is_exclusive_and_a_stale_one_is_taken_over() {
     let (directory, key) = fleet::FleetAccount::parse(&first).unwrap();
     assert_eq!(directory, "https://ca.test/dir");
     assert_eq!(order::thumbprint(&key).unwrap().len(), 43);
+}
+
+const SETTLE: Duration = Duration::from_millis(800);
+
+/// Puts a lock value by hand, as a dead (or confused) instance left it.
+async fn put_lock(sdk: &aws_config::SdkConfig, prefix: &str, holder: &str, expires: u64) {
+    aws_sdk_ssm::Client::new(sdk)
+        .put_parameter()
+        .name(format!("{prefix}/lock"))
+        .r#type(aws_sdk_ssm::types::ParameterType::String)
+        .value(serde_json::json!({"holder": holder, "expires": expires}).to_string())
+        .overwrite(true)
+        .send()
+        .await
+        .unwrap();
+}
+
+#[tokio::test]
+async fn two_takeovers_of_one_stale_lock_leave_one_holder() {
+    let Some(sdk) = moto_sdk().await else { return };
+    let prefix = berth_tests::moto::unique_prefix("acme-lock-race");
+    let a = fleet::Fleet::new(&sdk, &prefix, SETTLE);
+    let b = fleet::Fleet::new(&sdk, &prefix, SETTLE);
+    let ttl = Duration::from_secs(60);
+    put_lock(&sdk, &prefix, "dead-instance", 1).await;
+
+    // Both read the same stale lock; a takes it over, then b (acting on its earlier read)
+    // takes over a's fresh lock: the interleaving in which both used to think they held it.
+    let seen_a = a.observe_lock().await.unwrap();
+    let seen_b = b.observe_lock().await.unwrap();
+    let claim_a = a.take_over(&seen_a, ttl).await.unwrap().expect("a's takeover was quick");
+    let claim_b = b.take_over(&seen_b, ttl).await.unwrap().expect("b's takeover was quick");
+    let (ra, rb) = tokio::join!(a.confirm(&claim_a), b.confirm(&claim_b));
+    let (ra, rb) = (ra.unwrap(), rb.unwrap());
+    assert_eq!(rb, Some(fleet::Lock::Acquired), "the last takeover holds it");
+    match ra {
+        Some(fleet::Lock::HeldBy { holder, .. }) => assert_eq!(holder, b.holder),
+        other => panic!("a must step back, got {other:?}"),
+    }
+    b.unlock().await.unwrap();
+
+    // A takeover that lands later than the settle time after its read may have clobbered a
+    // lock its holder already confirmed: it must not count, and must keep others out.
+    put_lock(&sdk, &prefix, "dead-instance", 1).await;
+    let seen_b = b.observe_lock().await.unwrap();
+    assert_eq!(a.try_lock(ttl).await.unwrap(), fleet::Lock::Acquired);
+    tokio::time::sleep(SETTLE).await;
+    assert!(b.take_over(&seen_b, ttl).await.unwrap().is_none(), "a slow takeover must not count");
+    // b's leftover value is a guard, not a lock b holds: b neither uses nor releases it.
+    match b.try_lock(ttl).await.unwrap() {
+        fleet::Lock::HeldBy { holder, .. } => assert_ne!(holder, b.holder),
+        other => panic!("b must not hold its guard: {other:?}"),
+    }
+    b.unlock().await.unwrap();
+    let c = fleet::Fleet::new(&sdk, &prefix, SETTLE);
+    assert!(matches!(c.try_lock(ttl).await.unwrap(), fleet::Lock::HeldBy { .. }));
+}
+
+#[tokio::test]
+async fn an_instance_never_waits_on_its_own_lock_or_a_far_future_one() {
+    let Some(sdk) = moto_sdk().await else { return };
+    let prefix = berth_tests::moto::unique_prefix("acme-lock-own");
+    let a = fleet::Fleet::new(&sdk, &prefix, SETTLE);
+    let b = fleet::Fleet::new(&sdk, &prefix, SETTLE);
+    let ttl = Duration::from_secs(60);
+    // a took the lock and then lost track of it (an SSM error after the put): its next
+    // attempt takes it again instead of waiting up to the TTL for itself.
+    assert_eq!(a.try_lock(ttl).await.unwrap(), fleet::Lock::Acquired);
+    assert_eq!(a.try_lock(ttl).await.unwrap(), fleet::Lock::Acquired);
+    assert!(matches!(b.try_lock(ttl).await.unwrap(), fleet::Lock::HeldBy { .. }));
+    a.unlock().await.unwrap();
+
+    // A holder whose clock is years ahead, or a value no clock can hold, does not block
+    // the fleet: such an expiry is not believed.
+    let year_3000 = 32_503_680_000;
+    for expires in [year_3000, u64::MAX] {
+        put_lock(&sdk, &prefix, "clock-in-the-future", expires).await;
+        assert_eq!(b.try_lock(ttl).await.unwrap(), fleet::Lock::Acquired, "expires {expires}");
+        b.unlock().await.unwrap();
+    }
+    // One a little ahead (within the skew margin) still holds.
+    put_lock(&sdk, &prefix, "slightly-ahead", unix(SystemTime::now()) + 90).await;
+    assert!(matches!(b.try_lock(ttl).await.unwrap(), fleet::Lock::HeldBy { .. }));
+}
+
+/// A server that accepts connections and never answers: an SSM endpoint or CA that hangs.
+async fn black_hole(shutdown: CancellationToken) -> SocketAddr {
+    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    tokio::spawn(async move {
+        let mut held = Vec::new();
+        loop {
+            tokio::select! {
+                Ok((c, _)) = listener.accept() => held.push(c),
+                _ = shutdown.cancelled() => return,
+            }
+        }
+    });
+    addr
+}
+
+#[tokio::test]
+async fn stop_is_prompt_while_ssm_and_the_ca_hang() {
+    use aws_sdk_ssm::config::{Credentials, SharedCredentialsProvider};
+    let hang = CancellationToken::new();
+    let addr = black_hole(hang.clone()).await;
+    let dir = TestDir::new();
+    let sdk = crate::aws::sdk_config(&crate::config::AwsConfig {
+        region: Some("us-east-1".into()),
+        endpoint_url: Some(format!("http://{addr}")),
+    })
+    .await
+    .into_builder()
+    .credentials_provider(SharedCredentialsProvider::new(Credentials::new("testing", "testing", None, None, "berth-tests")))
+    .build();
+    let setup = AcmeSetup {
+        tls: TlsConfig {
+            mode: TlsMode::Acme,
+            domains: vec!["hang.berth.test".into()],
+            cert_file: None,
+            key_file: None,
+            acme: None,
+        },
+        acme: AcmeConfig {
+            directory: format!("http://{addr}/dir"),
+            contact: vec![],
+            ca_bundle: None,
+            shared: Some("/berth-test/hang".into()),
+            ..Default::default()
+        },
+        state_dir: dir.path().to_owned(),
+        aws: Default::default(),
+        sdk: Some(sdk),
+        timing: fast_timing(),
+    };
+    let handle = spawn(setup, CertStore::new(), ChallengeResponder::new(), CancellationToken::new());
+    // Let the task get stuck in its first SSM poll.
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    let started = Instant::now();
+    tokio::time::timeout(Duration::from_secs(20), handle.stop()).await.expect("stop() returned");
+    assert!(started.elapsed() < Duration::from_secs(2), "stop took {:?}", started.elapsed());
+    hang.cancel();
+}
+
+/// A parameter's type and tier, as `aws ssm describe-parameters` shows them.
+async fn describe_parameter(
+    sdk: &aws_config::SdkConfig,
+    name: String,
+) -> (Option<aws_sdk_ssm::types::ParameterType>, Option<aws_sdk_ssm::types::ParameterTier>) {
+    let filter = aws_sdk_ssm::types::ParameterStringFilter::builder()
+        .key("Name")
+        .option("Equals")
+        .values(&name)
+        .build()
+        .unwrap();
+    let out = aws_sdk_ssm::Client::new(sdk).describe_parameters().parameter_filters(filter).send().await.unwrap();
+    let p = out.parameters().first().unwrap_or_else(|| panic!("no parameter {name}"));
+    (p.r#type().cloned(), p.tier().cloned())
+}
+
+/// What an operator sees in Parameter Store: the private keys encrypted, the certificate in
+/// the free tier unless it does not fit there.
+async fn assert_ssm_storage(sdk: &aws_config::SdkConfig, prefix: &str) {
+    use aws_sdk_ssm::types::{ParameterTier, ParameterType};
+    let ssm = aws_sdk_ssm::Client::new(sdk);
+    let describe = |name: String| describe_parameter(sdk, name);
+    for leaf in ["key", "account"] {
+        let (kind, _) = describe(format!("{prefix}/{leaf}")).await;
+        assert_eq!(kind, Some(ParameterType::SecureString), "{prefix}/{leaf} holds a private key");
+    }
+    let (kind, tier) = describe(format!("{prefix}/cert")).await;
+    assert_eq!(kind, Some(ParameterType::String));
+    assert_ne!(tier, Some(ParameterTier::Advanced), "a chain under 4 KB must not cost Advanced-tier money");
+    // Intelligent-Tiering is what berth asks for; real SSM reports the Standard it picks.
+    assert!(
+        matches!(tier, Some(ParameterTier::Standard | ParameterTier::IntelligentTiering)),
+        "{tier:?}"
+    );
+    let chain = ssm.get_parameter().name(format!("{prefix}/cert")).send().await.unwrap();
+    assert!(chain.parameter().unwrap().value().unwrap().len() <= 4096);
+}
+
+#[tokio::test]
+async fn a_long_chain_goes_to_the_advanced_tier() {
+    use aws_sdk_ssm::types::{ParameterTier, ParameterType};
+    let Some(sdk) = moto_sdk().await else { return };
+    let prefix = berth_tests::moto::unique_prefix("acme-tier");
+    let fleet = fleet::Fleet::new(&sdk, &prefix, SETTLE);
+    // A chain with many intermediates: one self-signed leaf, padded with copies of itself.
+    let key = rcgen::KeyPair::generate_for(&rcgen::PKCS_ECDSA_P256_SHA256).unwrap();
+    let params = rcgen::CertificateParams::new(vec!["long.berth.test".to_owned()]).unwrap();
+    let leaf = params.self_signed(&key).unwrap().pem();
+    let chain = leaf.repeat(4096 / leaf.len() + 2);
+    assert!(chain.len() > 4096);
+    let issued = cert::Issued::from_pem(chain, zeroize::Zeroizing::new(key.serialize_pem())).unwrap();
+    fleet.store_certificate(&issued).await.unwrap();
+    let (kind, tier) = describe_parameter(&sdk, format!("{prefix}/cert")).await;
+    assert_eq!((kind, tier), (Some(ParameterType::String), Some(ParameterTier::Advanced)));
+    let ssm = aws_sdk_ssm::Client::new(&sdk);
+    let key_param = ssm.get_parameter().name(format!("{prefix}/key")).send().await.unwrap();
+    assert_eq!(key_param.parameter().unwrap().r#type(), Some(&ParameterType::SecureString));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_ca_requiring_eab_refuses_berth_without_the_key_and_accepts_it_with() {
+    const KID: &str = "berth-kid-1";
+    const KEY: &str = "zWNDZM6eQGHWpSRTPal5eIUYFTu7EajVIoguysqZ9wG44nMEtx3MUAsUDkMTQ12W";
+    let Some(mut pebble) = Pebble::configure(None, Some(0)) else { return };
+    pebble.require_eab(KID, KEY);
+    pebble.start();
+    let stop = CancellationToken::new();
+    let responder = ChallengeResponder::new();
+    serve_http01(pebble.http01, responder.clone(), stop.clone()).await;
+    let domains = ["eab.berth.test"];
+    let root = pebble.root();
+
+    // Without EAB, and with the wrong MAC key: no account, so no order.
+    let wrong = "AAAAZM6eQGHWpSRTPal5eIUYFTu7EajVIoguysqZ9wG44nMEtx3MUAsUDkMTQ12W";
+    for (what, key, refusal) in [
+        ("without EAB", None, "externalAccountRequired"),
+        ("with the wrong MAC key", Some(wrong), "external account binding"),
+    ] {
+        let dir = TestDir::new();
+        let mut s = setup(&pebble, dir.path(), &domains);
+        s.acme.eab_kid = key.map(|_| KID.to_owned());
+        s.acme.eab_hmac_key = key.map(|k| crate::secrets::Secret::new(k.to_owned()));
+        let handle = spawn(s, CertStore::new(), responder.clone(), CancellationToken::new());
+        let err = wait_until("the account to be refused", Duration::from_secs(20), || {
+            handle.status().last_order.and_then(|o| o.error)
+        })
+        .await;
+        assert!(err.contains("creating the ACME account") && err.contains(refusal), "{what}: {err}");
+        assert!(!err.contains(wrong), "{what}: the key must not be in the message: {err}");
+        assert!(ordered_cert(&handle).is_none(), "{what}");
+        handle.stop().await;
+    }
+    assert_eq!(pebble.orders(), 0);
+
+    // With the key, inline in the config: an account, an order, a certificate that verifies.
+    let dir = TestDir::new();
+    let mut s = setup(&pebble, dir.path(), &domains);
+    s.acme.eab_kid = Some(KID.into());
+    s.acme.eab_hmac_key = Some(crate::secrets::Secret::new(KEY.into()));
+    let certs = CertStore::new();
+    let handle = spawn(s, certs.clone(), responder.clone(), CancellationToken::new());
+    wait_until("a certificate with EAB", Duration::from_secs(30), || ordered_cert(&handle)).await;
+    verify_served(&certs, "eab.berth.test", root.clone());
+    handle.stop().await;
+
+    // And from an SSM parameter.
+    if let Some(sdk) = moto_sdk().await {
+        let name = format!("{}/eab-hmac-key", berth_tests::moto::unique_prefix("acme-eab"));
+        aws_sdk_ssm::Client::new(&sdk)
+            .put_parameter()
+            .name(&name)
+            .r#type(aws_sdk_ssm::types::ParameterType::SecureString)
+            .value(KEY)
+            .send()
+            .await
+            .unwrap();
+        let dir = TestDir::new();
+        let mut s = setup(&pebble, dir.path(), &domains);
+        s.acme.eab_kid = Some(KID.into());
+        s.acme.eab_hmac_key_parameter = Some(name);
+        s.sdk = Some(sdk);
+        let certs = CertStore::new();
+        let handle = spawn(s, certs.clone(), responder.clone(), CancellationToken::new());
+        wait_until("a certificate with EAB from SSM", Duration::from_secs(30), || ordered_cert(&handle)).await;
+        verify_served(&certs, "eab.berth.test", root.clone());
+        handle.stop().await;
+
+        // Fleet mode registers the shared account key with EAB too.
+        let dir = TestDir::new();
+        let mut s = setup(&pebble, dir.path(), &domains);
+        s.acme.eab_kid = Some(KID.into());
+        s.acme.eab_hmac_key = Some(crate::secrets::Secret::new(KEY.into()));
+        s.acme.shared = Some(berth_tests::moto::unique_prefix("acme-eab-fleet"));
+        s.sdk = moto_sdk().await;
+        let certs = CertStore::new();
+        let handle = spawn(s, certs.clone(), responder.clone(), CancellationToken::new());
+        wait_until("a fleet certificate with EAB", Duration::from_secs(30), || ordered_cert(&handle)).await;
+        verify_served(&certs, "eab.berth.test", root);
+        handle.stop().await;
+    }
+    stop.cancel();
 }
