@@ -368,21 +368,37 @@ fn renews_twice_under_load_with_zero_failed_requests() {
     let Some(mut pebble) = Pebble::configure(ports.http, Some(20), Some(0)) else { return };
     pebble.start();
     let dir = TestDir::new();
-    let mut berth = start_berth(&dir, ports, &pebble.tls_toml(&["renew.berth.test"], ""));
+    // The load goes through the proxy to an app container, as a fleet's traffic does.
+    let app = TestApp::new("renew");
+    let app_toml = format!(
+        "[apps.{name}]\nimage = \"{image}\"\nport = 8080\npull = \"never\"\nstop_timeout = \"2s\"\n[apps.{name}.health]\npath = \"/health\"\ninterval = \"500ms\"\n",
+        name = app.name,
+        image = env("BERTH_TEST_APP_IMAGE"),
+    );
+    let mut berth = start_berth(&dir, ports, &format!("{}\n{app_toml}", pebble.tls_toml(&["renew.berth.test"], "")));
     let root = pebble.root_file();
-    wait_for("the first certificate", Duration::from_secs(30), || {
+    wait_for("the first certificate (and a healthy app)", Duration::from_secs(40), || {
         verifies(ports.https, "renew.berth.test", &root).then_some(())
     });
     let (first, _) = served(ports.https, "renew.berth.test").unwrap();
+    let url = format!("https://127.0.0.1:{}/headers", ports.https);
+    let (code, body) = curl(&["-k", &url]);
+    assert!(code == 200 && body.contains("\"_path\""), "the app answers through the proxy: {code} {body}");
 
     // Keep-alive connections (the old certificate stays on them) and a new TLS connection
     // per request (each handshake picks whatever is installed at that instant).
-    let url = format!("https://127.0.0.1:{}/_berth/health", ports.https);
-    let keep_alive = load(&url, 36, 8);
-    let close = wrk_connection_close(&url, 36, 2);
+    const LOAD_SECS: u32 = 36;
+    let load_started = Instant::now();
+    let keep_alive = load(&url, LOAD_SECS, 8);
+    let close = wrk_connection_close(&url, LOAD_SECS, 2);
     wait_for("two renewals", Duration::from_secs(40), || (pebble.orders() >= 3).then_some(()));
+    let renewed_after = load_started.elapsed();
     let (ka, cl) = (keep_alive.join().unwrap(), close.join().unwrap());
-    eprintln!("keep-alive: {ka:?}; connection-close: {cl:?}; orders: {}", pebble.orders());
+    eprintln!("keep-alive: {ka:?}; connection-close: {cl:?}; orders: {}; two renewals after {renewed_after:?}", pebble.orders());
+    assert!(
+        renewed_after < Duration::from_secs(u64::from(LOAD_SECS) - 2),
+        "both renewals must happen while the load runs ({LOAD_SECS} s); the second came after {renewed_after:?}"
+    );
     assert!(ka.requests > 1000 && cl.requests > 100, "the load ran: {ka:?} {cl:?}");
     assert_eq!((ka.failures, cl.failures), (0, 0), "no failed request during renewals");
     let (now, _) = served(ports.https, "renew.berth.test").unwrap();
