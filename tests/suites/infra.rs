@@ -338,6 +338,8 @@ fn rendered_berth_toml_passes_berth_check() {
     for needle in [
         "mode = \"acme\"",
         "shared = ",
+        "eab_kid = \"kid-1\"",
+        "eab_hmac_key_parameter = \"/myapp/prod/acme-eab-key\"",
         "[secrets]",
         "registry_auth = \"ecr\"",
         "[apps.web.health]",
@@ -792,6 +794,10 @@ fn rendered_iam_policies_keep_ssm_and_kms_off_wildcard_resources() {
             "fleet writes outside the prefix: {r}"
         );
     }
+    // The EAB MAC key: read-only, that one parameter.
+    let eab = by_sid("ReadAcmeEabKey");
+    assert_eq!(strings(&eab["Action"]), ["ssm:GetParameter"]);
+    assert_eq!(strings(&eab["Resource"]), [format!("{arn}/myapp/prod/acme-eab-key")]);
     // ecr:GetAuthorizationToken has no resource-level permissions: "*" is AWS's design, and
     // the only "*" allowed; the pulls themselves are per repository.
     assert_eq!(

@@ -64,6 +64,8 @@ locals {
     ["contact", length(local.acme.contact) == 0 ? null : local.acme.contact],
     ["ca_bundle", local.acme.ca_bundle],
     ["shared", local.acme.shared],
+    ["eab_kid", local.acme.eab_kid],
+    ["eab_hmac_key_parameter", local.acme.eab_hmac_key_parameter],
   ] : "${kv[0]} = ${jsonencode(kv[1])}" if kv[1] != null]
 
   app_sections = flatten([for name in sort(keys(var.apps)) : [
@@ -176,7 +178,8 @@ locals {
     length(local.secretsmanager_arns) > 0 ? ["secretsmanager.${var.region}.${var.dns_suffix}"] : [],
   )
 
-  fleet_prefix = var.tls.mode == "acme" ? try(var.tls.acme.shared, null) : null
+  fleet_prefix      = var.tls.mode == "acme" ? try(var.tls.acme.shared, null) : null
+  eab_key_parameter = var.tls.mode == "acme" ? try(var.tls.acme.eab_hmac_key_parameter, null) : null
   fleet_prefix_under_app_path = local.fleet_prefix != null && local.app_path != null && startswith(
     "${local.fleet_prefix == null ? "" : local.fleet_prefix}/",
     "${local.app_path == null ? "" : local.app_path}/",
@@ -233,6 +236,13 @@ locals {
       Effect   = "Allow"
       Action   = ["ssm:GetParameter", "ssm:PutParameter", "ssm:DeleteParameter"]
       Resource = ["${local.ssm_arn}${local.fleet_prefix}/*"]
+    }],
+    # The EAB MAC key, read when berth registers its ACME account.
+    local.eab_key_parameter == null ? [] : [{
+      Sid      = "ReadAcmeEabKey"
+      Effect   = "Allow"
+      Action   = ["ssm:GetParameter"]
+      Resource = ["${local.ssm_arn}${local.eab_key_parameter}"]
     }],
     # GetAuthorizationToken has no resource-level permissions: AWS requires "*" for it.
     local.ecr_used ? [{

@@ -118,6 +118,10 @@ variable "tls" {
       contact   = optional(list(string), [])
       ca_bundle = optional(string)
       shared    = optional(string)
+      # External Account Binding, for CAs that require it: the key id, and the SSM
+      # SecureString holding the MAC key (never the key itself: user data is not secret).
+      eab_kid                = optional(string)
+      eab_hmac_key_parameter = optional(string)
     }))
   })
   default = {}
@@ -130,6 +134,16 @@ variable "tls" {
   validation {
     condition     = try(var.tls.acme.shared, null) == null || can(regex("^(/[A-Za-z0-9_.-]+)+$", try(var.tls.acme.shared, "")))
     error_message = "tls.acme.shared must be an SSM prefix like \"/myapp/prod/berth\": a leading '/', no trailing '/'."
+  }
+
+  validation {
+    condition     = (try(var.tls.acme.eab_kid, null) == null) == (try(var.tls.acme.eab_hmac_key_parameter, null) == null)
+    error_message = "tls.acme.eab_kid and tls.acme.eab_hmac_key_parameter come as a pair: set both or neither."
+  }
+
+  validation {
+    condition     = try(var.tls.acme.eab_hmac_key_parameter, null) == null || can(regex("^(/[A-Za-z0-9_.-]+)+$", try(var.tls.acme.eab_hmac_key_parameter, "")))
+    error_message = "tls.acme.eab_hmac_key_parameter must be an SSM parameter name like \"/myapp/prod/acme-eab-key\"."
   }
 }
 

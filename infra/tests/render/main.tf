@@ -24,8 +24,10 @@ module "full" {
     mode    = "acme"
     domains = ["api.example.com", "admin.example.com"]
     acme = {
-      contact = ["mailto:ops@example.com"]
-      shared  = "/myapp/prod/berth"
+      contact                = ["mailto:ops@example.com"]
+      shared                 = "/myapp/prod/berth"
+      eab_kid                = "kid-1"
+      eab_hmac_key_parameter = "/myapp/prod/acme-eab-key"
     }
   }
   apps = {
