@@ -224,7 +224,7 @@ pub fn render(r: &StatusReport) -> String {
     if let Some(wf) = &r.waiting_for {
         let _ = writeln!(w, "waiting for: {wf}");
     }
-    let _ = writeln!(w, "\n{:<14} {:<9} {:<14} {:<21} {:>6} {:>8}  {}", "APP", "HEALTH", "CONTAINER", "IMAGE", "PORT", "RESTARTS", "STATE");
+    let _ = writeln!(w, "\n{:<14} {:<9} {:<14} {:<21} {:>6} {:>8}  STATE", "APP", "HEALTH", "CONTAINER", "IMAGE", "PORT", "RESTARTS");
     for (name, a) in &r.apps {
         let health = if a.status.healthy { "healthy" } else { "unhealthy" };
         let container = a.status.container_id.as_deref().map(|c| &c[..c.len().min(12)]).unwrap_or("-");
