@@ -121,9 +121,14 @@ async fn run(config: Config, path: PathBuf) -> anyhow::Result<()> {
     // in systemd's socket when activated), so they are served instead of answered 503.
     // Bounded, for a first boot or a Docker that does not answer.
     let routes_settled = CancellationToken::new();
+    // :443 is served from one single-threaded runtime per CPU (see `serve_per_core`); the
+    // rest of the daemon stays on this runtime.
+    let proxy_threads = std::thread::available_parallelism().map_or(1, |n| n.get());
+    let https_listener = https_listener.into_std().context("taking the :443 listener off the main runtime")?;
     let https_server = tokio::spawn({
-        let serve_https = server::serve(
+        let serve_https = server::serve_per_core(
             https_listener,
+            proxy_threads,
             Some(tls_config),
             Limits::default(),
             Arc::new(berth_proxy::https::Https {

@@ -21,7 +21,7 @@ use berth_proxy::challenge::ChallengeResponder;
 use berth_proxy::forward::{ForwardLimits, Forwarder};
 use berth_proxy::health::Health;
 use berth_proxy::routes::{Route, RouteTable, Router};
-use berth_proxy::server::{serve, Limits};
+use berth_proxy::server::{serve, serve_per_core, Limits};
 use berth_proxy::tls::{self_signed, CertStore};
 use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
@@ -38,6 +38,8 @@ struct Args {
     swap_every: Option<Duration>,
     drain: Duration,
     routes: Vec<(String, String)>,
+    /// Threads serving :443 (default: one per CPU, as the daemon does).
+    threads: Option<usize>,
 }
 
 fn parse_args() -> Args {
@@ -54,6 +56,7 @@ fn parse_args() -> Args {
         swap_every: None,
         drain: Duration::from_secs(5),
         routes: Vec::new(),
+        threads: None,
     };
     while let Some(flag) = it.next() {
         let mut val = || it.next().unwrap_or_else(|| panic!("{flag} needs a value"));
@@ -69,6 +72,7 @@ fn parse_args() -> Args {
             "--response-timeout-ms" => a.response_timeout = Some(ms(val())),
             "--swap-cert-every-ms" => a.swap_every = Some(ms(val())),
             "--drain-ms" => a.drain = ms(val()),
+            "--threads" => a.threads = Some(val().parse().expect("--threads count")),
             "--route" => {
                 let v = val();
                 let (host, prefix) = match v.find('/') {
@@ -166,8 +170,11 @@ async fn main() {
         shutdown.clone(),
         args.drain,
     ));
-    let tls = tokio::spawn(serve(
-        https,
+    // As the daemon does: one single-threaded runtime per CPU serves :443.
+    let threads = args.threads.unwrap_or_else(|| std::thread::available_parallelism().map_or(1, |n| n.get()));
+    let tls = tokio::spawn(serve_per_core(
+        https.into_std().expect("the https listener as a std socket"),
+        threads,
         Some(certs.server_config().expect("TLS config")),
         limits,
         Arc::new(berth_proxy::https::Https {

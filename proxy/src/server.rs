@@ -101,10 +101,87 @@ pub async fn serve<H: Handler>(
     shutdown: CancellationToken,
     drain: Duration,
 ) {
+    let permits = Arc::new(Semaphore::new(limits.max_connections));
+    serve_with_permits(listener, tls, limits, handler, shutdown, drain, permits).await
+}
+
+/// [`serve`] from `threads` OS threads, each running its own single-threaded tokio runtime
+/// that accepts on the same socket and serves the connections it accepted.
+///
+/// Why not the multi-thread runtime the rest of the daemon uses: measured with the same
+/// binary, its scheduler costs 11 % more CPU per proxied HTTP/1.1 request than a
+/// current-thread runtime (docs/benchmarks.md), with the same instruction count: work
+/// stealing, cross-thread wakeups and shared timer state cost cache traffic on every
+/// request. A connection never moves between threads here, and the app connections it uses
+/// are pooled per thread ([`crate::upstream`]). Idle threads share the listener: the kernel
+/// wakes them all for a new connection and one wins the accept; with a few threads per
+/// instance that is cheap. `max_connections` counts across all threads.
+///
+/// Returns when every thread has drained (as [`serve`] does). A thread that cannot start
+/// its runtime is logged and the others serve; with none, it returns at once.
+pub async fn serve_per_core<H: Handler>(
+    listener: std::net::TcpListener,
+    threads: usize,
+    tls: Option<Arc<rustls::ServerConfig>>,
+    limits: Limits,
+    handler: Arc<H>,
+    shutdown: CancellationToken,
+    drain: Duration,
+) {
+    let permits = Arc::new(Semaphore::new(limits.max_connections));
+    let mut done = Vec::new();
+    for index in 0..threads.max(1) {
+        let listener = match listener.try_clone().and_then(|l| l.set_nonblocking(true).map(|()| l)) {
+            Ok(l) => l,
+            Err(e) => {
+                tracing::error!(error = %e, "cannot share the listening socket with a proxy thread");
+                continue;
+            }
+        };
+        let (tls, limits, handler, shutdown, permits) =
+            (tls.clone(), limits.clone(), handler.clone(), shutdown.clone(), permits.clone());
+        let (finished, finished_rx) = tokio::sync::oneshot::channel::<()>();
+        let started = std::thread::Builder::new().name(format!("berth-proxy-{index}")).spawn(move || {
+            let runtime = match tokio::runtime::Builder::new_current_thread().enable_all().build() {
+                Ok(rt) => rt,
+                Err(e) => {
+                    tracing::error!(error = %e, thread = index, "cannot start a proxy thread's runtime");
+                    return;
+                }
+            };
+            crate::upstream::use_pool_slot(index);
+            runtime.block_on(async move {
+                match TcpListener::from_std(listener) {
+                    Ok(listener) => serve_with_permits(listener, tls, limits, handler, shutdown, drain, permits).await,
+                    Err(e) => tracing::error!(error = %e, thread = index, "cannot register the listening socket"),
+                }
+            });
+            let _ = finished.send(());
+        });
+        match started {
+            Ok(_) => done.push(finished_rx),
+            Err(e) => tracing::error!(error = %e, "cannot start a proxy thread"),
+        }
+    }
+    drop(listener);
+    for rx in done {
+        // Err: the thread ended without saying so (it could not build its runtime).
+        let _ = rx.await;
+    }
+}
+
+async fn serve_with_permits<H: Handler>(
+    listener: TcpListener,
+    tls: Option<Arc<rustls::ServerConfig>>,
+    limits: Limits,
+    handler: Arc<H>,
+    shutdown: CancellationToken,
+    drain: Duration,
+    permits: Arc<Semaphore>,
+) {
     let local = listener.local_addr().unwrap_or_else(|_| ([0, 0, 0, 0], 0).into());
     let acceptor = tls.map(tokio_rustls::TlsAcceptor::from);
     let tasks = TaskTracker::new();
-    let permits = Arc::new(Semaphore::new(limits.max_connections));
     let builder = Arc::new(http_builder(&limits));
 
     loop {

@@ -62,10 +62,32 @@ pub struct PoolTimeouts {
 }
 
 /// Idle connections to one address, and the cap on connections in use.
+///
+/// The idle connections are kept per proxy thread ([`use_pool_slot`]): a connection's task
+/// runs on the runtime of the thread that opened it, and a request from another thread
+/// would cost two cross-thread wakeups (request over, response back). The cap is shared.
 #[derive(Debug)]
 pub struct ConnPool {
-    idle: Mutex<Vec<Idle>>,
+    idle: Box<[Mutex<Vec<Idle>>]>,
     in_use: Arc<Semaphore>,
+}
+
+/// Per-thread idle lists in each pool; threads beyond this share lists (still correct,
+/// with cross-thread wakeups).
+const POOL_SLOTS: usize = 64;
+
+thread_local! {
+    static POOL_SLOT: std::cell::Cell<usize> = const { std::cell::Cell::new(0) };
+}
+
+/// Makes this thread use idle list `index` of every pool (see [`ConnPool`]). Called once
+/// by each proxy thread; other threads use list 0.
+pub fn use_pool_slot(index: usize) {
+    POOL_SLOT.with(|s| s.set(index % POOL_SLOTS));
+}
+
+fn local_slot() -> usize {
+    POOL_SLOT.with(|s| s.get())
 }
 
 #[derive(Debug)]
@@ -79,7 +101,7 @@ type Sender = http1::SendRequest<UpstreamBody>;
 impl Default for ConnPool {
     fn default() -> Self {
         ConnPool {
-            idle: Mutex::new(Vec::new()),
+            idle: (0..POOL_SLOTS).map(|_| Mutex::new(Vec::new())).collect(),
             in_use: Arc::new(Semaphore::new(MAX_CONNS)),
         }
     }
@@ -88,7 +110,7 @@ impl Default for ConnPool {
 impl ConnPool {
     /// Idle connections right now (for tests and status).
     pub fn idle_count(&self) -> usize {
-        self.idle.lock().map_or(0, |v| v.len())
+        self.idle.iter().map(|slot| slot.lock().map_or(0, |v| v.len())).sum()
     }
 
     /// Sends `req` (origin-form URI, `Host` set) to `addr`, on an idle connection when
@@ -144,7 +166,7 @@ impl ConnPool {
     /// The most recently used idle connection (its socket is the likeliest to be warm and
     /// still open); connections idle past `idle_timeout` are closed on the way.
     fn checkout(&self, idle_timeout: Duration) -> Option<Sender> {
-        let mut idle = self.idle.lock().ok()?;
+        let mut idle = self.idle[local_slot()].lock().ok()?;
         while let Some(c) = idle.pop() {
             if c.since.elapsed() < idle_timeout && !c.sender.is_closed() {
                 return Some(c.sender);
@@ -157,7 +179,7 @@ impl ConnPool {
         if sender.is_closed() {
             return;
         }
-        if let Ok(mut idle) = self.idle.lock() {
+        if let Ok(mut idle) = self.idle[local_slot()].lock() {
             idle.push(Idle { sender, since: Instant::now() });
         }
     }

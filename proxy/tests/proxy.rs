@@ -1201,9 +1201,12 @@ async fn sigterm_lets_in_flight_requests_finish_and_refuses_new_connections() {
 fn upstream_connections_are_reused_across_client_connections() {
     let _g = HEAVY.blocking_read();
     let app = start_app();
-    let p = Proxy::start(app.addr, &[]);
-    // Separate curl runs are separate client connections (and h1/h2 alike); one at a time,
-    // they must all ride the same kept-alive connection to the app.
+    // Two proxy threads, as on a 2-vCPU instance. Each keeps its own idle app connections
+    // (a connection's task runs on the thread that opened it).
+    let p = Proxy::start(app.addr, &["--threads", "2"]);
+    // Separate curl runs are separate client connections (and h1/h2 alike), accepted by
+    // either thread; one at a time, they must ride at most one kept-alive connection to the
+    // app per proxy thread.
     let peers: std::collections::BTreeSet<String> = (0..12)
         .map(|i| {
             let v = if i % 2 == 0 { "--http1.1" } else { "--http2" };
@@ -1211,7 +1214,7 @@ fn upstream_connections_are_reused_across_client_connections() {
             str_field(&c.json(), "_peer").expect("the app reports _peer").to_owned()
         })
         .collect();
-    assert_eq!(peers.len(), 1, "the app saw these proxy connections: {peers:?}");
+    assert!((1..=2).contains(&peers.len()), "the app saw these proxy connections: {peers:?}");
     drop(app);
 }
 
