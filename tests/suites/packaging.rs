@@ -222,6 +222,19 @@ fn cloud_config_writes_a_valid_config_and_enables_berth() {
 /// `BERTH_TEST_PACKAGING_RELEASE=1`, the real thing: `packaging/build --<kind>` (static musl
 /// release build).
 fn package(kind: &str) -> PathBuf {
+    // Built once per kind for the whole suite: tests run in parallel, and two builds of the
+    // same package write the same file, so one test could read it half-written.
+    static BUILT: std::sync::Mutex<Vec<(String, PathBuf)>> = std::sync::Mutex::new(Vec::new());
+    let mut built = BUILT.lock().unwrap_or_else(|e| e.into_inner());
+    if let Some((_, path)) = built.iter().find(|(k, _)| k == kind) {
+        return path.clone();
+    }
+    let path = build_package(kind);
+    built.push((kind.to_owned(), path.clone()));
+    path
+}
+
+fn build_package(kind: &str) -> PathBuf {
     let var = if kind == "deb" {
         "BERTH_TEST_DEB"
     } else {
