@@ -417,3 +417,67 @@ fn http_builder(limits: &Limits) -> auto::Builder<TokioExecutor> {
         .max_concurrent_streams(250);
     b
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+
+    /// Answers with the name of the thread that served the request.
+    struct WhichThread;
+
+    impl Handler for WhichThread {
+        async fn handle(&self, _req: http::Request<Incoming>, _conn: &ConnInfo) -> http::Response<crate::Body> {
+            let name = std::thread::current().name().unwrap_or("unnamed").to_owned();
+            crate::text_response(http::StatusCode::OK, &name)
+        }
+    }
+
+    #[tokio::test]
+    async fn per_core_threads_serve_every_connection_and_stop_together() {
+        let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        let addr = listener.local_addr().unwrap();
+        let shutdown = CancellationToken::new();
+        let server = tokio::spawn(serve_per_core(
+            listener,
+            2,
+            None,
+            Limits::default(),
+            Arc::new(WhichThread),
+            shutdown.clone(),
+            Duration::from_secs(2),
+        ));
+
+        // Many connections at once, so both threads get to accept some.
+        let clients: Vec<_> = (0..40)
+            .map(|_| {
+                tokio::spawn(async move {
+                    let mut s = tokio::net::TcpStream::connect(addr).await.unwrap();
+                    s.write_all(b"GET / HTTP/1.1\r\nHost: t\r\nConnection: close\r\n\r\n").await.unwrap();
+                    let mut out = String::new();
+                    s.read_to_string(&mut out).await.unwrap();
+                    out
+                })
+            })
+            .collect();
+        let mut threads = std::collections::BTreeSet::new();
+        for c in clients {
+            let out = c.await.unwrap();
+            assert!(out.starts_with("HTTP/1.1 200"), "{out}");
+            let name = out.rsplit("\r\n\r\n").next().unwrap().trim().to_owned();
+            assert!(name.starts_with("berth-proxy-"), "served on {name:?}, not a proxy thread");
+            threads.insert(name);
+        }
+        assert!(threads.len() <= 2, "{threads:?}");
+
+        shutdown.cancel();
+        tokio::time::timeout(Duration::from_secs(5), server)
+            .await
+            .expect("every proxy thread stopped and drained")
+            .unwrap();
+        assert!(
+            tokio::net::TcpStream::connect(addr).await.is_err(),
+            "the listener is closed once serve_per_core returns"
+        );
+    }
+}
