@@ -133,10 +133,7 @@ impl Https {
             return (routed, resp);
         };
         routed.upstream = Some(in_flight.backend_arc());
-        // Boxed so the handler's future stays small: hyper copies it into a new task for
-        // every HTTP/2 stream, and copying kilobytes of forwarding state cost more than this
-        // one allocation.
-        let resp = Box::pin(self.forwarder.forward(req, conn, in_flight)).await;
+        let resp = self.forwarder.forward(req, conn, in_flight).await;
         (routed, resp)
     }
 }

@@ -204,14 +204,14 @@ async fn serve_with_permits<H: Handler>(
             _ = shutdown.cancelled() => break,
         };
         let _ = stream.set_nodelay(true);
-        let conn = ConnInfo {
+        let conn = Arc::new(ConnInfo {
             peer,
             peer_header: http::HeaderValue::from_str(&peer.ip().to_canonical().to_string())
                 .unwrap_or(http::HeaderValue::from_static("unknown")),
             local,
             tls: acceptor.is_some(),
             tasks: tasks.clone(),
-        };
+        });
         let handler = handler.clone();
         let builder = builder.clone();
         let acceptor = acceptor.clone();
@@ -236,7 +236,11 @@ async fn serve_with_permits<H: Handler>(
                     started.fetch_add(1, Ordering::Relaxed);
                     let handler = handler.clone();
                     let conn = conn.clone();
-                    async move { Ok::<_, std::convert::Infallible>(handler.handle(req, &conn).await) }
+                    // Boxed: hyper runs each HTTP/2 stream's future in a task of its own, and
+                    // tokio moves a task's future (spawn, completion) by copying it whole. The
+                    // forwarding future is a few kilobytes; one allocation costs less than
+                    // copying it several times per request.
+                    Box::pin(async move { Ok::<_, std::convert::Infallible>(handler.handle(req, &conn).await) })
                 })
             };
             // The handshake is not cut short by a stop: it is bounded by its own timeout,
