@@ -21,6 +21,7 @@ pub mod routes;
 pub mod server;
 pub mod tls;
 pub mod upstream;
+pub mod write_batch;
 
 /// Body type of every response this crate produces.
 pub type Body = http_body_util::combinators::BoxBody<bytes::Bytes, hyper::Error>;

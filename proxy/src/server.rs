@@ -23,6 +23,7 @@ use tokio_util::either::Either;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
+use crate::write_batch::{write_batch, BatchFlusher};
 use crate::Body;
 
 /// Protection against slow and greedy clients.
@@ -245,9 +246,13 @@ async fn serve_with_permits<H: Handler>(
             };
             // The handshake is not cut short by a stop: it is bounded by its own timeout,
             // and the client is about to send a request we will answer.
+            let mut h2 = false;
             let io = match acceptor {
                 Some(acceptor) => match tokio::time::timeout(handshake_timeout, acceptor.accept(stream)).await {
-                    Ok(Ok(s)) => Either::Right(s),
+                    Ok(Ok(s)) => {
+                        h2 = s.get_ref().1.alpn_protocol() == Some(b"h2");
+                        Either::Right(s)
+                    }
                     Ok(Err(e)) => {
                         tracing::debug!(%peer, error = %e, "TLS handshake failed");
                         return;
@@ -260,8 +265,16 @@ async fn serve_with_permits<H: Handler>(
                 None => Either::Left(stream),
             };
             let io = SniffDeadline::new(io, header_read_timeout);
-            let conn = builder.serve_connection_with_upgrades(TokioIo::new(io), service);
-            tokio::pin!(conn);
+            let (io, flusher) = if h2 {
+                let (io, flusher) = write_batch(io);
+                (Either::Right(io), Some(flusher))
+            } else {
+                (Either::Left(io), None)
+            };
+            let mut conn = Served {
+                conn: Box::pin(builder.serve_connection_with_upgrades(TokioIo::new(io), service)),
+                flusher,
+            };
             // On shutdown, ask the connection to finish in-flight requests (HTTP/1.1 closes
             // after the current response, HTTP/2 sends GOAWAY) and wait for that. A
             // connection that has not delivered its first request yet gets a short grace
@@ -270,18 +283,18 @@ async fn serve_with_permits<H: Handler>(
             let mut seen = 0;
             let result = loop {
                 tokio::select! {
-                    r = conn.as_mut() => break r,
+                    r = &mut conn => break r,
                     _ = shutdown.cancelled() => {
                         let grace = tokio::time::sleep(first_request_grace);
                         let finished = tokio::select! {
-                            r = conn.as_mut() => Some(r),
+                            r = &mut conn => Some(r),
                             _ = first_request.notified() => None,
                             _ = grace => None,
                         };
                         break match finished {
                             Some(r) => r,
                             None => {
-                                conn.as_mut().graceful_shutdown();
+                                conn.conn.as_mut().graceful_shutdown();
                                 conn.await
                             }
                         };
@@ -290,7 +303,7 @@ async fn serve_with_permits<H: Handler>(
                         let now = started.load(Ordering::Relaxed);
                         if now == seen {
                             tracing::debug!(%peer, "closing a connection idle for {idle_timeout:?}");
-                            conn.as_mut().graceful_shutdown();
+                            conn.conn.as_mut().graceful_shutdown();
                             break conn.await;
                         }
                         seen = now;
@@ -311,6 +324,27 @@ async fn serve_with_permits<H: Handler>(
     match drained {
         Ok(()) => tracing::debug!(%local, "listener drained"),
         Err(_) => tracing::warn!(%local, remaining = tasks.len(), "drain deadline reached; closing remaining connections"),
+    }
+}
+
+/// hyper's connection future, and the flush its HTTP/2 write batch is owed whenever a poll of
+/// it ends (see [`crate::write_batch`]).
+struct Served<C, I> {
+    conn: Pin<Box<C>>,
+    flusher: Option<BatchFlusher<I>>,
+}
+
+impl<C: Future, I: AsyncWrite + Unpin> Future for Served<C, I> {
+    type Output = C::Output;
+
+    fn poll(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<C::Output> {
+        let polled = self.conn.as_mut().poll(cx);
+        if polled.is_pending() {
+            if let Some(flusher) = &self.flusher {
+                flusher.flush(cx);
+            }
+        }
+        polled
     }
 }
 
