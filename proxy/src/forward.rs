@@ -232,6 +232,11 @@ fn upstream_error(e: &UpstreamError, upstream: SocketAddr) -> Response<Body> {
         tracing::warn!(%upstream, error = %e, "app refused the connection");
         return text_response(StatusCode::BAD_GATEWAY, "the app is not accepting connections");
     }
+    if e.is_head_too_large() {
+        let limit = crate::upstream::MAX_READ_BUF;
+        tracing::warn!(%upstream, limit, "the app sent a response head (status line and headers) larger than {limit} bytes");
+        return text_response(StatusCode::BAD_GATEWAY, "the app's response headers are too large");
+    }
     tracing::warn!(%upstream, error = %e, "app connection failed");
     text_response(StatusCode::BAD_GATEWAY, "the app closed the connection")
 }

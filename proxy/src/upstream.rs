@@ -32,6 +32,12 @@ use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 /// Connections (= requests in flight) to one container at most.
 pub const MAX_CONNS: usize = 256;
 
+/// The most an app connection's read buffer may hold, and so the largest response head an
+/// app may send (nginx's default `proxy_buffer_size` is 4 KiB; hyper's default, about
+/// 400 KiB, would let one app connection hold that much of our memory). Bodies are read
+/// through it in pieces of at most this size.
+pub const MAX_READ_BUF: usize = 16 * 1024;
+
 /// Why a request could not be sent to the app.
 #[derive(Debug, thiserror::Error)]
 pub enum UpstreamError {
@@ -51,6 +57,11 @@ impl UpstreamError {
     /// The app was not there at all (nothing listening, or too slow to accept).
     pub fn is_connect(&self) -> bool {
         matches!(self, UpstreamError::Connect { .. } | UpstreamError::ConnectTimeout { .. })
+    }
+
+    /// The app's response head did not fit in [`MAX_READ_BUF`].
+    pub fn is_head_too_large(&self) -> bool {
+        matches!(self, UpstreamError::Request { source } if source.is_parse_too_large())
     }
 }
 
@@ -212,6 +223,7 @@ async fn connect(addr: SocketAddr, timeout: Duration) -> Result<Sender, Upstream
     };
     let _ = stream.set_nodelay(true);
     let (sender, conn) = http1::Builder::new()
+        .max_buf_size(MAX_READ_BUF)
         .handshake(TokioIo::new(stream))
         .await
         .map_err(|source| UpstreamError::Handshake { addr, source })?;

@@ -883,6 +883,24 @@ fn upstream_down_gets_502_quickly() {
 }
 
 #[test]
+fn app_response_heads_up_to_16k_pass_and_larger_ones_get_a_clear_502() {
+    let _g = HEAVY.blocking_read();
+    let app = start_app();
+    let p = Proxy::start(app.addr, &[]);
+    for v in ["--http1.1", "--http2"] {
+        // 12 KB of headers: three times nginx's default limit (proxy_buffer_size 4k), passed whole.
+        let c = curl_ok(&p, &[v], "/big-header?bytes=12000", 200);
+        let filler = c.headers.lines().find_map(|l| l.strip_prefix("x-filler: ")).unwrap_or_default();
+        assert_eq!(filler.trim_end().len(), 12000, "x-filler was not forwarded whole");
+        // Past the proxy's 16 KiB read buffer: a 502 that says why, and the proxy goes on.
+        let c = curl_ok(&p, &[v], "/big-header?bytes=20000", 502);
+        assert!(c.body_str().contains("response headers are too large"), "502 body: {:?}", c.body_str());
+        curl_ok(&p, &[v], "/health", 200);
+    }
+    drop(app);
+}
+
+#[test]
 fn slow_app_gets_504_after_the_response_timeout() {
     let _g = HEAVY.blocking_read();
     let app = start_app();

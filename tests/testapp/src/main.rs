@@ -523,6 +523,11 @@ fn route(head: &Head, body_len: u64, peer: SocketAddr) -> Response {
             r
         }),
         "/upload" => Ok(Response::text(200, body_len.to_string())),
+        "/big-header" => parse_num::<usize>(head, "bytes", 0).map(|n| {
+            let mut r = Response::text(200, "big header\n");
+            r.extra.push(("x-filler", "f".repeat(n)));
+            r
+        }),
         "/download" => parse_num::<u64>(head, "bytes", 0).map(|n| {
             let mut r = Response::text(200, Vec::new());
             r.content_type = "application/octet-stream";
