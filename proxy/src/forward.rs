@@ -73,6 +73,7 @@ impl Forwarder {
     pub async fn forward(&self, mut req: Request<Incoming>, conn: &ConnInfo, in_flight: InFlight) -> Response<Body> {
         let upstream = in_flight.addr();
         let upgrade = upgrade_protocol(&req);
+        let client_version = req.version();
         // Must be taken before the request is moved: it resolves once our client's side of
         // the connection is handed over after we answer 101.
         let client_upgrade = upgrade.as_ref().map(|_| hyper::upgrade::on(&mut req));
@@ -134,6 +135,9 @@ impl Forwarder {
         let (mut parts, body) = resp.into_parts();
         strip_hop_by_hop(&mut parts.headers);
         parts.headers.remove(header::UPGRADE);
+        if client_version == Version::HTTP_2 {
+            detach_header_values(&mut parts.headers);
+        }
         // The in-flight guard rides along with the body: the request counts until the last
         // byte of the response has gone out (or the client went away).
         let body = body.map_frame(move |frame| {
@@ -195,6 +199,30 @@ fn strip_hop_by_hop(headers: &mut HeaderMap) {
     }
     for name in present.into_iter().flatten() {
         headers.remove(name);
+    }
+}
+
+/// Moves the response's header values out of the app connection's read buffer into one
+/// small buffer of their own.
+///
+/// hyper parses a response head in place: every header value is a slice of the connection's
+/// 8-16 KiB read buffer and keeps all of it alive. HTTP/1.1 writes the headers out and drops
+/// them, but h2's HPACK encoder keeps values it indexes (`date`, `etag`, `last-modified`…)
+/// in its dynamic table for the life of the client connection. Measured with DHAT under
+/// HTTP/2 load: 2,440 read buffers (20 MB) kept alive by 50 client connections' tables,
+/// growing as `date` changed every second. A copy of the values, about 200 bytes per
+/// response, ends that.
+fn detach_header_values(headers: &mut HeaderMap) {
+    let total = headers.values().map(HeaderValue::len).sum();
+    let mut copy = bytes::BytesMut::with_capacity(total);
+    for value in headers.values_mut() {
+        copy.extend_from_slice(value.as_bytes());
+        // Shares `copy`'s allocation: one buffer for all the values of this response.
+        let own = copy.split().freeze();
+        if let Ok(mut detached) = HeaderValue::from_maybe_shared(own) {
+            detached.set_sensitive(value.is_sensitive());
+            *value = detached;
+        }
     }
 }
 
