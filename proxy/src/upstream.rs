@@ -10,13 +10,17 @@
 //! after TLS and HTTP parsing. Here a request costs one short lock to pop an idle sender and
 //! one to push it back when the response body is done.
 //!
-//! The pool also caps the connections to one container ([`MAX_CONNS`]): every connection
-//! serves one request at a time, so capping requests in flight caps connections. Requests
-//! beyond the cap wait for a connection to come free instead of opening yet another one; an
-//! HTTP/2 client multiplexing hundreds of streams cannot make us open hundreds of sockets.
+//! The pool also caps the connections to one container ([`MAX_CONNS`]). Every connection
+//! serves one request at a time, so requests in flight are capped (a semaphore), and a
+//! request past the cap waits for a connection to come free instead of opening yet another
+//! one: an HTTP/2 client multiplexing hundreds of streams cannot make us open hundreds of
+//! sockets. Idle connections are kept per thread, so a thread that finds none of its own
+//! could still open one while other threads' sit idle; open connections are therefore
+//! counted too, and at the cap a request takes an idle connection from any thread.
 
 use std::net::SocketAddr;
 use std::pin::Pin;
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::task::{Context, Poll};
 use std::time::{Duration, Instant};
@@ -76,11 +80,14 @@ pub struct PoolTimeouts {
 ///
 /// The idle connections are kept per proxy thread ([`use_pool_slot`]): a connection's task
 /// runs on the runtime of the thread that opened it, and a request from another thread
-/// would cost two cross-thread wakeups (request over, response back). The cap is shared.
+/// would cost two cross-thread wakeups (request over, response back). The cap is shared,
+/// and at the cap a thread uses another thread's idle connection rather than open one.
 #[derive(Debug)]
 pub struct ConnPool {
     idle: Box<[Mutex<Vec<Idle>>]>,
     in_use: Arc<Semaphore>,
+    /// Connections open to the app now, idle or busy (upgraded tunnels leave the count).
+    open: Arc<AtomicUsize>,
 }
 
 /// Per-thread idle lists in each pool; threads beyond this share lists (still correct,
@@ -114,6 +121,7 @@ impl Default for ConnPool {
         ConnPool {
             idle: (0..POOL_SLOTS).map(|_| Mutex::new(Vec::new())).collect(),
             in_use: Arc::new(Semaphore::new(MAX_CONNS)),
+            open: Arc::new(AtomicUsize::new(0)),
         }
     }
 }
@@ -122,6 +130,11 @@ impl ConnPool {
     /// Idle connections right now (for tests and status).
     pub fn idle_count(&self) -> usize {
         self.idle.iter().map(|slot| slot.lock().map_or(0, |v| v.len())).sum()
+    }
+
+    /// Connections open to the app right now, idle or carrying a request.
+    pub fn open_count(&self) -> usize {
+        self.open.load(Ordering::Relaxed)
     }
 
     /// Sends `req` (origin-form URI, `Host` set) to `addr`, on an idle connection when
@@ -167,17 +180,30 @@ impl ConnPool {
         }
         // Boxed: connecting is the cold path, and its future is large; unboxed it would make
         // every request's future (which hyper moves into a task per HTTP/2 stream) as large.
-        let mut sender = Box::pin(connect(addr, timeouts.connect)).await?;
+        let mut sender = Box::pin(connect(addr, timeouts.connect, &self.open)).await?;
         match sender.send_request(req).await {
             Ok(resp) => Ok(self.wrap(resp, sender, permit, upgrade)),
             Err(source) => Err(UpstreamError::Request { source }),
         }
     }
 
-    /// The most recently used idle connection (its socket is the likeliest to be warm and
-    /// still open); connections idle past `idle_timeout` are closed on the way.
+    /// This thread's most recently used idle connection (its socket is the likeliest to be
+    /// warm and still open). With as many connections open as the cap allows, any thread's
+    /// idle connection: a new one would go over the cap. Connections idle past
+    /// `idle_timeout` are closed on the way.
     fn checkout(&self, idle_timeout: Duration) -> Option<Sender> {
-        let mut idle = self.idle[local_slot()].lock().ok()?;
+        let local = local_slot();
+        if let Some(sender) = self.take_idle(local, idle_timeout) {
+            return Some(sender);
+        }
+        if self.open.load(Ordering::Relaxed) < MAX_CONNS {
+            return None;
+        }
+        (0..self.idle.len()).filter(|&slot| slot != local).find_map(|slot| self.take_idle(slot, idle_timeout))
+    }
+
+    fn take_idle(&self, slot: usize, idle_timeout: Duration) -> Option<Sender> {
+        let mut idle = self.idle[slot].lock().ok()?;
         while let Some(c) = idle.pop() {
             if c.since.elapsed() < idle_timeout && !c.sender.is_closed() {
                 return Some(c.sender);
@@ -215,7 +241,9 @@ impl ConnPool {
     }
 }
 
-async fn connect(addr: SocketAddr, timeout: Duration) -> Result<Sender, UpstreamError> {
+async fn connect(addr: SocketAddr, timeout: Duration, open: &Arc<AtomicUsize>) -> Result<Sender, UpstreamError> {
+    // Counted from the start, so threads connecting at once see each other's connections.
+    let counted = OpenConnection::count(open);
     let stream = match tokio::time::timeout(timeout, TcpStream::connect(addr)).await {
         Ok(Ok(s)) => s,
         Ok(Err(source)) => return Err(UpstreamError::Connect { addr, source }),
@@ -230,11 +258,29 @@ async fn connect(addr: SocketAddr, timeout: Duration) -> Result<Sender, Upstream
     // The connection runs in its own task until the app or we close it; `with_upgrades`
     // lets a 101 response hand the socket over to a WebSocket tunnel.
     tokio::spawn(async move {
+        let _counted = counted;
         if let Err(e) = conn.with_upgrades().await {
             tracing::debug!(upstream = %addr, error = %e, "app connection closed with an error");
         }
     });
     Ok(sender)
+}
+
+/// One connection in a pool's count of open connections, until dropped: when the
+/// connection's task ends (closed, or handed over to an upgrade tunnel) or its connect fails.
+struct OpenConnection(Arc<AtomicUsize>);
+
+impl OpenConnection {
+    fn count(open: &Arc<AtomicUsize>) -> OpenConnection {
+        open.fetch_add(1, Ordering::Relaxed);
+        OpenConnection(open.clone())
+    }
+}
+
+impl Drop for OpenConnection {
+    fn drop(&mut self) {
+        self.0.fetch_sub(1, Ordering::Relaxed);
+    }
 }
 
 /// The app's response body. When its last byte has been read, the connection goes back to

@@ -1462,3 +1462,94 @@ async fn many_http2_streams_at_once_each_get_their_own_whole_response() {
     assert!(failures.is_empty(), "{} of 300 streams failed: {failures:?}", failures.len());
     drop(app);
 }
+
+/// Established TCP connections to `port` on 127.0.0.1 as seen from their client side (the
+/// proxy's), from the kernel's table: what `ss -tn state established dport = :port` counts.
+fn established_to(port: u16) -> usize {
+    let table = std::fs::read_to_string("/proc/net/tcp").unwrap_or_default();
+    table
+        .lines()
+        .skip(1)
+        .filter(|line| {
+            let fields: Vec<&str> = line.split_whitespace().collect();
+            // fields[2] = remote "0100007F:1F90", fields[3] = state ("01" = ESTABLISHED)
+            fields.len() > 3
+                && fields[3] == "01"
+                && fields[2].rsplit_once(':').and_then(|(_, p)| u16::from_str_radix(p, 16).ok()) == Some(port)
+        })
+        .count()
+}
+
+/// More requests in flight than the per-container cap (256, `upstream::MAX_CONNS`): the app
+/// never sees more than 256 connections from the proxy, and the requests past the cap wait
+/// for a free connection and succeed instead of failing or opening more.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn requests_past_the_per_app_connection_cap_wait_for_a_free_connection() {
+    const CAP: usize = 256;
+    const REQUESTS: usize = 300;
+    const SLEEP_MS: u64 = 1500;
+    let _g = HEAVY.write().await;
+    let app = tokio::task::block_in_place(start_app);
+    let p = tokio::task::block_in_place(|| Proxy::start(app.addr, &["--threads", "2"]));
+    // Two client connections of 150 streams each (the proxy allows 250 streams per connection).
+    let mut clients = Vec::new();
+    for _ in 0..2 {
+        let c = Client::connect(p.https, client_config(&p.cert, &[b"h2"])).await.unwrap();
+        assert!(c.is_h2());
+        clients.push(c);
+    }
+
+    let stop = Arc::new(AtomicBool::new(false));
+    let sampler = {
+        let stop = stop.clone();
+        let port = app.addr.port();
+        tokio::task::spawn_blocking(move || {
+            let mut most = 0;
+            while !stop.load(Ordering::Relaxed) {
+                most = most.max(established_to(port));
+                std::thread::sleep(Duration::from_millis(20));
+            }
+            most
+        })
+    };
+
+    let started = Instant::now();
+    let mut requests = tokio::task::JoinSet::new();
+    for i in 0..REQUESTS {
+        let c = &clients[i % 2];
+        let Sender::H2(sender) = &c.sender else { unreachable!() };
+        let mut sender = sender.clone();
+        let uri = format!("https://{}/sleep?ms={SLEEP_MS}", c.authority);
+        requests.spawn(async move {
+            let req = Request::builder().uri(uri).body(empty()).unwrap();
+            sender.ready().await.map_err(|e| format!("request {i}: {e}"))?;
+            let resp = sender.send_request(req).await.map_err(|e| format!("request {i}: {e}"))?;
+            let status = resp.status();
+            resp.into_body().collect().await.map_err(|e| format!("request {i}: {e}"))?;
+            if status != StatusCode::OK {
+                return Err(format!("request {i}: status {status}"));
+            }
+            Ok(())
+        });
+    }
+    let mut failures = Vec::new();
+    while let Some(r) = requests.join_next().await {
+        if let Err(e) = r.unwrap() {
+            failures.push(e);
+        }
+    }
+    let took = started.elapsed();
+    stop.store(true, Ordering::Relaxed);
+    let most = sampler.await.unwrap();
+
+    assert!(failures.is_empty(), "{} of {REQUESTS} requests failed: {failures:?}", failures.len());
+    assert!(most <= CAP, "the app saw {most} connections from the proxy at once; the cap is {CAP}");
+    // The cap was reached (so the bound above was tested), and the 44 requests past it waited
+    // a whole sleep for a connection to come free.
+    assert!(most >= CAP - 8, "only {most} app connections at once for {REQUESTS} concurrent requests");
+    assert!(
+        took >= Duration::from_millis(2 * SLEEP_MS - 100),
+        "all {REQUESTS} requests done in {took:?}: none waited for a free connection"
+    );
+    drop(app);
+}
