@@ -166,6 +166,7 @@ impl Supervisor {
             commands: rx,
             current: None,
             probe: Probe::new(),
+            engine_went_away: None,
         };
         tokio::spawn(task.run());
         tx
@@ -468,7 +469,17 @@ struct AppTask {
     commands: mpsc::Receiver<AppCommand>,
     current: Option<Running>,
     probe: Probe,
+    /// When the Docker Engine was seen going away (its shutdown stops containers unless
+    /// live-restore is on). Until the resync after its return (bounded by
+    /// [`ENGINE_STOP_GRACE`]), an exit is the Engine's doing, not a crash: neither the `die`
+    /// event Docker replays on reconnect nor a health tick that sees the container stopped
+    /// may restart it with crash backoff before the resync does, under the right name.
+    engine_went_away: Option<Instant>,
 }
+
+/// How long an exit seen while the Docker Engine went away is left to the resync that
+/// follows its return; past it (the resync never came), exits are crashes again.
+const ENGINE_STOP_GRACE: Duration = Duration::from_secs(60);
 
 impl AppTask {
     async fn run(mut self) {
@@ -1081,6 +1092,7 @@ impl AppTask {
         // Docker away (`Unknown`) is no crash: the container may well run on (live-restore),
         // and the HTTP probe below still says whether it answers.
         let liveness = if self.docker_is_down() {
+            self.engine_went_away.get_or_insert_with(Instant::now);
             Liveness::Unknown
         } else {
             self.liveness(&cur.id).await
@@ -1146,11 +1158,13 @@ impl AppTask {
             Ok(info) => info,
             Err(e) if docker_unreachable(&e) => return,
             Err(_) => {
+                self.engine_went_away = None;
                 tracing::warn!(app = %self.name, container_id = %short(&cur.id), "the container is gone after the Docker restart; starting a new one");
                 self.replace_container().await;
                 return;
             }
         };
+        self.engine_went_away = None;
         if info.state.as_ref().and_then(|s| s.running).unwrap_or(false) {
             tracing::info!(app = %self.name, container_id = %short(&cur.id), "the container kept running through the Docker restart");
             self.refresh_addr(&info);
@@ -1210,11 +1224,17 @@ impl AppTask {
         let Some(cur) = self.current.clone() else {
             return;
         };
+        if self.engine_went_away.is_some_and(|t| t.elapsed() < ENGINE_STOP_GRACE) {
+            // The resync after the Engine's return restarts it (without crash backoff).
+            tracing::debug!(app = %self.name, container_id = %short(&cur.id), "exit left to the resync after the Docker Engine's return");
+            return;
+        }
         let info = match self.inspect(&cur.id).await {
             Ok(info) => Some(info),
             // Docker going away (its shutdown stops containers when live-restore is off):
             // not the app's fault; the resync after Docker returns restarts what is stopped.
             Err(e) if docker_unreachable(&e) => {
+                self.engine_went_away = Some(Instant::now());
                 tracing::info!(app = %self.name, container_id = %short(&cur.id), "container stopped while the Docker Engine goes away; checking again once it answers");
                 return;
             }
