@@ -306,21 +306,34 @@ async fn start_supervision(config: Config, router: Router, live: Arc<Live>, shut
         routes_settled.cancel();
         docker
     };
-    let needs_aws = config.has_secrets()
-        || config.apps.values().any(|a| matches!(a.registry_auth, crate::config::RegistryAuth::Basic { .. }));
     let secrets = async {
-        let sdk = if needs_aws { Some(crate::aws::sdk_config(&config.aws).await) } else { None };
+        let sdk = if needs_aws(&config) { Some(crate::aws::sdk_config(&config.aws).await) } else { None };
         let first = first_secrets(&live, sdk.clone(), &shutdown).await;
         (first, sdk)
     };
-    let ((first, sdk), docker) = tokio::join!(secrets, docker_and_routes);
+    let ((first, mut sdk), docker) = tokio::join!(secrets, docker_and_routes);
     let Some((secrets, fetched_with)) = first else { return };
     let secrets_rx = secrets.subscribe();
     let _ = live.secrets.set(secrets.clone());
     let (on_change, on_change_rx) = watch::channel(fetched_with.secrets.on_change);
     tokio::spawn(reload::follow_secrets(live.clone(), secrets, fetched_with, on_change));
     tokio::spawn(access::keep_policies(live.clone(), router.clone(), secrets_rx.clone()));
-    let Some(docker) = docker else { return };
+    let docker = match docker {
+        Some(docker) => docker,
+        // Started with no apps: Docker is not needed (nor waited for) until a reload adds one.
+        None => {
+            if !until_apps_configured(&live, &shutdown).await {
+                return;
+            }
+            let Some(docker) = supervisor::connect(&shutdown, |s| live.set_waiting(Some(s.to_string()))).await else { return };
+            docker
+        }
+    };
+    // The config may have been reloaded while we waited for SSM or Docker.
+    let config = live.config();
+    if sdk.is_none() && needs_aws(&config) {
+        sdk = Some(crate::aws::sdk_config(&config.aws).await);
+    }
     live.set_waiting(None);
     let shared = supervisor::Shared {
         docker,
@@ -342,10 +355,28 @@ async fn start_supervision(config: Config, router: Router, live: Arc<Live>, shut
             }
         },
     };
-    // The config may have been reloaded while we waited for SSM or Docker.
-    let apps = live.config().apps.clone();
+    let apps = config.apps.clone();
     let supervisor = supervisor::start(shared, &apps, secrets_rx);
     let _ = live.supervisor.set(supervisor);
+}
+
+/// Whether starting `config` needs the AWS SDK: SSM for secrets or a registry password.
+fn needs_aws(config: &Config) -> bool {
+    config.has_secrets() || config.apps.values().any(|a| matches!(a.registry_auth, crate::config::RegistryAuth::Basic { .. }))
+}
+
+/// Waits until the running config has an app (a reload added one). False on shutdown.
+async fn until_apps_configured(live: &Live, shutdown: &CancellationToken) -> bool {
+    let mut changes = live.subscribe_config();
+    loop {
+        if !changes.borrow_and_update().apps.is_empty() {
+            return true;
+        }
+        tokio::select! {
+            changed = changes.changed() => if changed.is_err() { return false },
+            _ = shutdown.cancelled() => return false,
+        }
+    }
 }
 
 /// The first set of secrets (the containers need them), retried until it arrives, and the

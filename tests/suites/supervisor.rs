@@ -413,6 +413,34 @@ fn reload_rolls_out_a_new_image_and_rejects_an_invalid_config() {
     assert_eq!(health(ports).0, 200);
 }
 
+/// berth started with no apps (a launch template whose app is filled in later): a reload
+/// that adds one connects to Docker, starts the app and routes to it, without a restart.
+#[test]
+fn reload_adds_an_app_to_a_berth_started_with_none() {
+    let dir = TestDir::new();
+    let ports = Ports::pick();
+    let app = TestApp::new("fromnone");
+    let p = prefix("fromnone");
+    ssm_put(&format!("{p}token"), "t");
+    let with_app = app_config(&dir, ports, &app, &p, "");
+    let apps_start = with_app.find(&format!("[apps.{}]", app.name)).expect("app_config has the app section");
+    let cfg = dir.write("berth.toml", &with_app[..apps_start]);
+    let mut berth = spawn(&cfg, &dir);
+    wait_for("berth to serve with no apps", Duration::from_secs(15), || {
+        berth.logs().contains("ready").then_some(())
+    });
+    assert!(app.containers(false).is_empty(), "no container before the reload");
+
+    dir.write("berth.toml", &with_app);
+    berth.signal("HUP");
+    wait_for("the added app to serve", Duration::from_secs(30), || {
+        get(ports, "/").1.starts_with("testapp v1 ").then_some(())
+    });
+    assert_eq!(health(ports).0, 200, "{}", berth.logs());
+    assert_eq!(app.containers(false).len(), 1, "one container for the added app");
+    assert!(berth.child.try_wait().unwrap().is_none(), "berth kept running:\n{}", berth.logs());
+}
+
 fn status_json(cfg: &std::path::Path) -> serde_json::Value {
     let out = Command::new(berth_bin()).args(["status", "--json", "-c"]).arg(cfg).output().unwrap();
     serde_json::from_slice(&out.stdout).unwrap_or(serde_json::Value::Null)
