@@ -133,6 +133,11 @@ impl Forwarder {
         }
 
         let (mut parts, body) = resp.into_parts();
+        if response_head_len(&parts.headers) > crate::upstream::MAX_READ_BUF {
+            // hyper refuses a larger head only when it arrives in pieces; this makes the
+            // limit the same whatever the packets were. Dropping `body` closes the connection.
+            return head_too_large(upstream);
+        }
         strip_hop_by_hop(&mut parts.headers);
         parts.headers.remove(header::UPGRADE);
         if client_version == Version::HTTP_2 {
@@ -226,6 +231,19 @@ fn detach_header_values(headers: &mut HeaderMap) {
     }
 }
 
+/// The size of a response head as the app sent it, near enough: a status line of
+/// `HTTP/1.1 200 OK`, then `name: value` and CRLF per header, then the blank line.
+fn response_head_len(headers: &HeaderMap) -> usize {
+    let lines: usize = headers.iter().map(|(name, value)| name.as_str().len() + value.len() + 4).sum();
+    "HTTP/1.1 200 OK\r\n".len() + lines + 2
+}
+
+fn head_too_large(upstream: SocketAddr) -> Response<Body> {
+    let limit = crate::upstream::MAX_READ_BUF;
+    tracing::warn!(%upstream, limit, "the app sent a response head (status line and headers) larger than {limit} bytes");
+    text_response(StatusCode::BAD_GATEWAY, "the app's response headers are too large")
+}
+
 /// `X-Forwarded-For` gets the peer appended (an ALB in front already put the client first),
 /// `-Proto` and `-Host` describe the request as we received it.
 fn set_forwarded(headers: &mut HeaderMap, conn: &ConnInfo) {
@@ -261,9 +279,7 @@ fn upstream_error(e: &UpstreamError, upstream: SocketAddr) -> Response<Body> {
         return text_response(StatusCode::BAD_GATEWAY, "the app is not accepting connections");
     }
     if e.is_head_too_large() {
-        let limit = crate::upstream::MAX_READ_BUF;
-        tracing::warn!(%upstream, limit, "the app sent a response head (status line and headers) larger than {limit} bytes");
-        return text_response(StatusCode::BAD_GATEWAY, "the app's response headers are too large");
+        return head_too_large(upstream);
     }
     tracing::warn!(%upstream, error = %e, "app connection failed");
     text_response(StatusCode::BAD_GATEWAY, "the app closed the connection")
