@@ -33,7 +33,8 @@ use hyper_util::rt::TokioIo;
 use tokio::net::TcpStream;
 use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 
-/// Connections (= requests in flight) to one container at most.
+/// Connections to one container at most, idle or carrying a request (so also requests in
+/// flight; WebSocket tunnels aside).
 pub const MAX_CONNS: usize = 256;
 
 /// The most an app connection's read buffer may hold, and so the largest response head an
@@ -130,11 +131,6 @@ impl ConnPool {
     /// Idle connections right now (for tests and status).
     pub fn idle_count(&self) -> usize {
         self.idle.iter().map(|slot| slot.lock().map_or(0, |v| v.len())).sum()
-    }
-
-    /// Connections open to the app right now, idle or carrying a request.
-    pub fn open_count(&self) -> usize {
-        self.open.load(Ordering::Relaxed)
     }
 
     /// Sends `req` (origin-form URI, `Host` set) to `addr`, on an idle connection when
