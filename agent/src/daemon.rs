@@ -18,6 +18,7 @@ use berth_proxy::challenge::ChallengeResponder;
 use berth_proxy::forward::{ForwardLimits, Forwarder};
 use berth_proxy::health::Health;
 use berth_proxy::https::Observers;
+use berth_proxy::liveness::Liveness;
 use berth_proxy::routes::{Route, RouteTable, Router};
 use berth_proxy::server::{self, Limits};
 use berth_proxy::tls::{self, CertStore};
@@ -124,11 +125,13 @@ async fn run(config: Config, path: PathBuf) -> anyhow::Result<()> {
     // :443 is served from one single-threaded runtime per CPU (see `serve_per_core`); the
     // rest of the daemon stays on this runtime.
     let proxy_threads = std::thread::available_parallelism().map_or(1, |n| n.get());
+    let proxy_liveness = Liveness::default();
     let https_listener = https_listener.into_std().context("taking the :443 listener off the main runtime")?;
     let https_server = tokio::spawn({
         let serve_https = server::serve_per_core(
             https_listener,
             proxy_threads,
+            proxy_liveness.clone(),
             Some(tls_config),
             Limits::default(),
             Arc::new(berth_proxy::https::Https {
@@ -183,7 +186,7 @@ async fn run(config: Config, path: PathBuf) -> anyhow::Result<()> {
     // 5. Ready: listeners are up and supervision has started.
     systemd::ready(&live.status_line());
     tokio::spawn(report_status(live.clone(), shutdown.clone()));
-    if let Some(period) = systemd::spawn_watchdog() {
+    if let Some(period) = systemd::spawn_watchdog(proxy_liveness) {
         tracing::info!(period = ?period, "systemd watchdog armed");
     }
     tracing::info!("ready");

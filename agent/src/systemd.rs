@@ -8,6 +8,7 @@ use std::os::fd::{FromRawFd, RawFd};
 use std::time::Duration;
 
 use anyhow::{bail, Context};
+use berth_proxy::liveness::Liveness;
 use sd_notify::NotifyState;
 
 /// `READY=1`: listeners are up and supervision has started. `Type=notify` units count as
@@ -36,9 +37,12 @@ fn notify(states: &[NotifyState]) {
     }
 }
 
-/// If the unit has `WatchdogSec=`, pings at half the interval for as long as the runtime
-/// makes progress. A wedged runtime stops pinging and systemd restarts us.
-pub fn spawn_watchdog() -> Option<Duration> {
+/// If the unit has `WatchdogSec=`, pings at half the interval for as long as the daemon
+/// makes progress: this runtime (the ping task runs on it) and every proxy thread (their
+/// hearts in `proxy_threads`). A wedged runtime or proxy thread stops the pings, and
+/// systemd restarts us rather than leave connections hanging on a thread that never
+/// answers them.
+pub fn spawn_watchdog(proxy_threads: Liveness) -> Option<Duration> {
     let mut usec = 0u64;
     if !sd_notify::watchdog_enabled(false, &mut usec) || usec == 0 {
         return None;
@@ -47,9 +51,25 @@ pub fn spawn_watchdog() -> Option<Duration> {
     tokio::spawn(async move {
         let mut tick = tokio::time::interval(period);
         tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        let mut was_stalled = false;
         loop {
             tick.tick().await;
-            notify(&[NotifyState::Watchdog]);
+            let stalled = proxy_threads.stalled(period);
+            if stalled.is_empty() {
+                if was_stalled {
+                    tracing::warn!("proxy threads are turning again; watchdog pings resumed");
+                    was_stalled = false;
+                }
+                notify(&[NotifyState::Watchdog]);
+            } else if !was_stalled {
+                // Said once: the next thing in the journal is systemd's restart.
+                tracing::error!(
+                    threads = stalled.join(","),
+                    stalled_for_more_than = ?period,
+                    "proxy threads stopped turning; withholding the watchdog ping so systemd restarts berth"
+                );
+                was_stalled = true;
+            }
         }
     });
     Some(period)

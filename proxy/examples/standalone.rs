@@ -175,6 +175,7 @@ async fn main() {
     let tls = tokio::spawn(serve_per_core(
         https.into_std().expect("the https listener as a std socket"),
         threads,
+        berth_proxy::liveness::Liveness::default(),
         Some(certs.server_config().expect("TLS config")),
         limits,
         Arc::new(berth_proxy::https::Https {

@@ -17,6 +17,7 @@ pub mod forward;
 pub mod health;
 pub mod http80;
 pub mod https;
+pub mod liveness;
 pub mod routes;
 pub mod server;
 pub mod tls;

@@ -23,6 +23,7 @@ use tokio_util::either::Either;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
+use crate::liveness::Liveness;
 use crate::write_batch::{write_batch, BatchFlusher};
 use crate::Body;
 
@@ -118,11 +119,16 @@ pub async fn serve<H: Handler>(
 /// wakes them all for a new connection and one wins the accept; with a few threads per
 /// instance that is cheap. `max_connections` counts across all threads.
 ///
+/// Each thread beats a heart in `liveness` from its event loop (see [`crate::liveness`]), so
+/// a watchdog can see a thread that has stopped turning.
+///
 /// Returns when every thread has drained (as [`serve`] does). A thread that cannot start
 /// its runtime is logged and the others serve; with none, it returns at once.
+#[allow(clippy::too_many_arguments)]
 pub async fn serve_per_core<H: Handler>(
     listener: std::net::TcpListener,
     threads: usize,
+    liveness: Liveness,
     tls: Option<Arc<rustls::ServerConfig>>,
     limits: Limits,
     handler: Arc<H>,
@@ -141,8 +147,10 @@ pub async fn serve_per_core<H: Handler>(
         };
         let (tls, limits, handler, shutdown, permits) =
             (tls.clone(), limits.clone(), handler.clone(), shutdown.clone(), permits.clone());
+        let name = format!("berth-proxy-{index}");
+        let heart = liveness.add(name.clone());
         let (finished, finished_rx) = tokio::sync::oneshot::channel::<()>();
-        let started = std::thread::Builder::new().name(format!("berth-proxy-{index}")).spawn(move || {
+        let started = std::thread::Builder::new().name(name).spawn(move || {
             let runtime = match tokio::runtime::Builder::new_current_thread().enable_all().build() {
                 Ok(rt) => rt,
                 Err(e) => {
@@ -151,6 +159,8 @@ pub async fn serve_per_core<H: Handler>(
                 }
             };
             crate::upstream::use_pool_slot(index);
+            // Dropped with the runtime when this thread ends, which marks the heart stopped.
+            runtime.spawn(heart.keep_beating());
             runtime.block_on(async move {
                 match TcpListener::from_std(listener) {
                     Ok(listener) => serve_with_permits(listener, tls, limits, handler, shutdown, drain, permits).await,
@@ -471,6 +481,59 @@ mod tests {
         }
     }
 
+    /// Blocks its thread (as a handler doing blocking I/O by mistake would) for `/block`.
+    struct BlocksOnRequest;
+
+    impl Handler for BlocksOnRequest {
+        async fn handle(&self, req: http::Request<Incoming>, _conn: &ConnInfo) -> http::Response<crate::Body> {
+            if req.uri().path() == "/block" {
+                std::thread::sleep(Duration::from_millis(1500));
+            }
+            crate::text_response(http::StatusCode::OK, "done")
+        }
+    }
+
+    async fn get(addr: SocketAddr, path: &str) -> String {
+        let mut s = tokio::net::TcpStream::connect(addr).await.unwrap();
+        s.write_all(format!("GET {path} HTTP/1.1\r\nHost: t\r\nConnection: close\r\n\r\n").as_bytes()).await.unwrap();
+        let mut out = String::new();
+        s.read_to_string(&mut out).await.unwrap();
+        out
+    }
+
+    #[tokio::test]
+    async fn a_proxy_thread_that_stops_turning_is_reported_stalled() {
+        let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        let addr = listener.local_addr().unwrap();
+        let shutdown = CancellationToken::new();
+        let liveness = Liveness::new(Duration::from_millis(100));
+        let server = tokio::spawn(serve_per_core(
+            listener,
+            1,
+            liveness.clone(),
+            None,
+            Limits::default(),
+            Arc::new(BlocksOnRequest),
+            shutdown.clone(),
+            Duration::from_secs(2),
+        ));
+        assert!(get(addr, "/").await.starts_with("HTTP/1.1 200"));
+        assert!(liveness.stalled(Duration::from_millis(400)).is_empty(), "a serving thread is alive");
+
+        let blocked = tokio::spawn(async move { get(addr, "/block").await });
+        tokio::time::sleep(Duration::from_millis(900)).await;
+        assert_eq!(liveness.stalled(Duration::from_millis(400)), vec!["berth-proxy-0".to_string()]);
+
+        assert!(blocked.await.unwrap().starts_with("HTTP/1.1 200"));
+        tokio::time::sleep(Duration::from_millis(250)).await;
+        assert!(liveness.stalled(Duration::from_millis(400)).is_empty(), "beating again once unblocked");
+
+        shutdown.cancel();
+        server.await.unwrap();
+        tokio::time::sleep(Duration::from_millis(600)).await;
+        assert!(liveness.stalled(Duration::from_millis(400)).is_empty(), "a drained thread is not stalled");
+    }
+
     #[tokio::test]
     async fn per_core_threads_serve_every_connection_and_stop_together() {
         let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
@@ -479,6 +542,7 @@ mod tests {
         let server = tokio::spawn(serve_per_core(
             listener,
             2,
+            Liveness::default(),
             None,
             Limits::default(),
             Arc::new(WhichThread),
