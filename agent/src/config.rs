@@ -279,6 +279,11 @@ pub struct AppConfig {
     pub cpus: Option<f64>,
     #[serde(default = "default_stop_timeout")]
     pub stop_timeout: Dur,
+    /// Connections berth opens to the container at most, idle or carrying a request;
+    /// requests past it wait for one to come free. Set it to what the app can serve at once
+    /// (a 5-thread Puma: 5) so a burst queues in berth instead of in the app.
+    #[serde(default = "default_max_connections")]
+    pub max_connections: u32,
     #[serde(default)]
     pub health: HealthConfig,
     #[serde(default)]
@@ -305,6 +310,14 @@ pub struct AccessConfig {
 fn default_stop_timeout() -> Dur {
     Dur::secs(30)
 }
+
+fn default_max_connections() -> u32 {
+    berth_proxy::upstream::DEFAULT_MAX_CONNS as u32
+}
+
+/// Above this, one app's connections would use a large part of berth's own port range
+/// (each is a socket from an ephemeral port to the same container address).
+const MAX_APP_CONNECTIONS: u32 = 10_000;
 
 /// `"missing"` by default: an image built on the instance or preloaded in the AMI must not
 /// fail to start because no registry answers. `berth deploy` always pulls.
@@ -769,6 +782,12 @@ impl Config {
                     Ok(_) => {}
                     Err(why) => v.err(format!("{base}.memory"), format!("{mem:?} {why}")),
                 }
+            }
+            if app.max_connections == 0 || app.max_connections > MAX_APP_CONNECTIONS {
+                v.err(
+                    format!("{base}.max_connections"),
+                    format!("{} must be at least 1 and at most {MAX_APP_CONNECTIONS}", app.max_connections),
+                );
             }
             if let Some(cpus) = app.cpus {
                 if !(cpus > 0.0 && cpus <= 1024.0) {

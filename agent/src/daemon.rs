@@ -90,6 +90,7 @@ async fn run(config: Config, path: PathBuf) -> anyhow::Result<()> {
     // until a real one is installed. The handle is for status, metrics and `berth renew`.
     let router = Router::new();
     router.set_routes(route_table(&config));
+    set_connection_caps(&config, &router);
     access::close_until_secrets(&config, &router);
 
     let status: StatusBoard = Default::default();
@@ -288,6 +289,14 @@ pub(crate) fn route_table(config: &Config) -> RouteTable {
         }
     }
     RouteTable::new(routes, catch_all)
+}
+
+/// Each app's `max_connections`, for its container now and the ones after (also after a
+/// reload: a lowered cap lets requests in flight finish and starts no more until under it).
+pub(crate) fn set_connection_caps(config: &Config, router: &Router) {
+    for (name, app) in &config.apps {
+        router.set_max_connections(name, app.max_connections as usize);
+    }
 }
 
 /// Secrets, then Docker, then the app tasks. Never fails: every wait is retried with

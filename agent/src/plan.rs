@@ -108,6 +108,7 @@ pub fn render(config: &Config, path: &std::path::Path) -> String {
             limits.push(format!("cpus {c}"));
         }
         limits.push(format!("stop timeout {}", app.stop_timeout));
+        limits.push(format!("at most {} connections to the app", app.max_connections));
         let _ = writeln!(w, "    limits  {}", limits.join(", "));
         let _ = writeln!(w, "    restart backoff {} .. {}", app.restart.initial_backoff, app.restart.max_backoff);
         if !app.watch_image.is_zero() {

@@ -62,6 +62,7 @@ pub fn reload(path: &std::path::Path, live: &Live, router: &Router) {
         needs_restart.push("[aws] for registry_auth");
     }
     router.set_routes(crate::daemon::route_table(&new));
+    crate::daemon::set_connection_caps(&new, router);
     if let Some(secrets) = live.secrets.get() {
         access::apply(&new, router, &secrets.current());
     } else {

@@ -40,6 +40,8 @@ struct Args {
     routes: Vec<(String, String)>,
     /// Threads serving :443 (default: one per CPU, as the daemon does).
     threads: Option<usize>,
+    /// Cap on connections to the upstream (default: the library's).
+    max_connections: Option<usize>,
 }
 
 fn parse_args() -> Args {
@@ -57,6 +59,7 @@ fn parse_args() -> Args {
         drain: Duration::from_secs(5),
         routes: Vec::new(),
         threads: None,
+        max_connections: None,
     };
     while let Some(flag) = it.next() {
         let mut val = || it.next().unwrap_or_else(|| panic!("{flag} needs a value"));
@@ -73,6 +76,7 @@ fn parse_args() -> Args {
             "--swap-cert-every-ms" => a.swap_every = Some(ms(val())),
             "--drain-ms" => a.drain = ms(val()),
             "--threads" => a.threads = Some(val().parse().expect("--threads count")),
+            "--max-connections" => a.max_connections = Some(val().parse().expect("--max-connections count")),
             "--route" => {
                 let v = val();
                 let (host, prefix) = match v.find('/') {
@@ -114,6 +118,9 @@ async fn main() {
             })
             .collect();
         router.set_routes(RouteTable::new(routes, None));
+    }
+    if let Some(n) = args.max_connections {
+        router.set_max_connections("app", n);
     }
     router.set_backend("app", Some(args.upstream));
 

@@ -12,11 +12,12 @@
 use std::collections::HashMap;
 use std::net::SocketAddr;
 use std::sync::atomic::{AtomicUsize, Ordering};
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
 
 use arc_swap::ArcSwap;
 
 use crate::access::AccessPolicy;
+use crate::upstream::{ConnPool, DEFAULT_MAX_CONNS};
 
 /// One routing rule: requests for `host` whose path starts with `prefix` go to `app`.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -110,6 +111,9 @@ pub struct Router {
     backends: Arc<ArcSwap<HashMap<Arc<str>, Arc<Backend>>>>,
     /// app → who may reach it; an app with no entry is open to everyone.
     policies: Arc<ArcSwap<HashMap<Arc<str>, Arc<AccessPolicy>>>>,
+    /// app → the cap on connections to its container, for backends set from now on; an app
+    /// with no entry gets [`DEFAULT_MAX_CONNS`]. Read only when a backend is set.
+    max_conns: Arc<Mutex<HashMap<Arc<str>, usize>>>,
 }
 
 impl Router {
@@ -128,6 +132,10 @@ impl Router {
     /// Points `app` at `addr` (a new container) or at nothing (`None`: answers 503).
     /// Returns the previous backend, whose [`Backend::in_flight`] tells when it is idle.
     pub fn set_backend(&self, app: &str, addr: Option<SocketAddr>) -> Option<Arc<Backend>> {
+        // Held until the new backend is in place, so a cap set meanwhile is not lost between
+        // reading it here and the swap (see `set_max_connections`).
+        let caps = self.max_conns.lock().unwrap_or_else(|e| e.into_inner());
+        let max_conns = caps.get(app).copied().unwrap_or(DEFAULT_MAX_CONNS);
         let mut previous = None;
         self.backends.rcu(|current| {
             let mut next = HashMap::clone(current);
@@ -138,7 +146,7 @@ impl Router {
                         addr,
                         addr_text: addr.to_string().into(),
                         in_flight: AtomicUsize::new(0),
-                        conns: Default::default(),
+                        conns: Arc::new(ConnPool::new(max_conns)),
                     }),
                 ),
                 None => next.remove(app),
@@ -146,6 +154,18 @@ impl Router {
             next
         });
         previous
+    }
+
+    /// Caps the connections to `app`'s container at `max_conns`: for the container serving
+    /// now (see [`ConnPool::set_limit`]) and every one after it.
+    pub fn set_max_connections(&self, app: &str, max_conns: usize) {
+        let mut caps = self.max_conns.lock().unwrap_or_else(|e| e.into_inner());
+        caps.insert(Arc::from(app), max_conns);
+        if let Some(backend) = self.backends.load().get(app) {
+            if backend.conns.limit() != max_conns.max(1) {
+                backend.conns.set_limit(max_conns);
+            }
+        }
     }
 
     /// Sets (or, with `None` or an open policy, clears) the access policy of `app`.

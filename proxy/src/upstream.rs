@@ -10,7 +10,8 @@
 //! after TLS and HTTP parsing. Here a request costs one short lock to pop an idle sender and
 //! one to push it back when the response body is done.
 //!
-//! The pool also caps the connections to one container ([`MAX_CONNS`]). Every connection
+//! The pool also caps the connections to one container (`max_connections` per app, default
+//! [`DEFAULT_MAX_CONNS`]). Every connection
 //! serves one request at a time, so requests in flight are capped (a semaphore), and a
 //! request past the cap waits for a connection to come free instead of opening yet another
 //! one: an HTTP/2 client multiplexing hundreds of streams cannot make us open hundreds of
@@ -33,9 +34,9 @@ use hyper_util::rt::TokioIo;
 use tokio::net::TcpStream;
 use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 
-/// Connections to one container at most, idle or carrying a request (so also requests in
-/// flight; WebSocket tunnels aside).
-pub const MAX_CONNS: usize = 256;
+/// Connections to one container at most unless the app sets its own cap, idle or carrying a
+/// request (so also requests in flight; WebSocket tunnels aside).
+pub const DEFAULT_MAX_CONNS: usize = 256;
 
 /// The most an app connection's read buffer may hold, and so the largest response head an
 /// app may send (nginx's default `proxy_buffer_size` is 4 KiB; hyper's default, about
@@ -86,7 +87,10 @@ pub struct PoolTimeouts {
 #[derive(Debug)]
 pub struct ConnPool {
     idle: Box<[Mutex<Vec<Idle>>]>,
+    /// One permit per connection allowed to carry a request; `limit` permits in all, less
+    /// any being withdrawn after the cap was lowered.
     in_use: Arc<Semaphore>,
+    limit: AtomicUsize,
     /// Connections open to the app now, idle or busy (upgraded tunnels leave the count).
     open: Arc<AtomicUsize>,
 }
@@ -119,15 +123,62 @@ type Sender = http1::SendRequest<UpstreamBody>;
 
 impl Default for ConnPool {
     fn default() -> Self {
-        ConnPool {
-            idle: (0..POOL_SLOTS).map(|_| Mutex::new(Vec::new())).collect(),
-            in_use: Arc::new(Semaphore::new(MAX_CONNS)),
-            open: Arc::new(AtomicUsize::new(0)),
-        }
+        ConnPool::new(DEFAULT_MAX_CONNS)
     }
 }
 
 impl ConnPool {
+    /// A pool that opens at most `max_conns` connections (at least one).
+    pub fn new(max_conns: usize) -> Self {
+        let max_conns = max_conns.max(1);
+        ConnPool {
+            idle: (0..POOL_SLOTS).map(|_| Mutex::new(Vec::new())).collect(),
+            in_use: Arc::new(Semaphore::new(max_conns)),
+            limit: AtomicUsize::new(max_conns),
+            open: Arc::new(AtomicUsize::new(0)),
+        }
+    }
+
+    /// The cap on connections now.
+    pub fn limit(&self) -> usize {
+        self.limit.load(Ordering::Relaxed)
+    }
+
+    /// Changes the cap while requests flow (a config reload). Raising it frees permits at
+    /// once. Lowering it withdraws permits as requests finish: those in flight run to the end
+    /// on the connections they have, and no new request starts until fewer than the new cap
+    /// are busy. Idle connections over the cap close with the pool's idle timeout.
+    pub fn set_limit(&self, max_conns: usize) {
+        let max_conns = max_conns.max(1);
+        // A swap: two changes at once each apply the difference from the one before.
+        let old = self.limit.swap(max_conns, Ordering::Relaxed);
+        if max_conns > old {
+            self.in_use.add_permits(max_conns - old);
+        } else if max_conns < old {
+            let excess = (old - max_conns) as u32;
+            // Permits free now are withdrawn now; the rest as the requests holding them end.
+            let free_now = (self.in_use.available_permits() as u32).min(excess);
+            if free_now > 0 {
+                if let Ok(p) = self.in_use.try_acquire_many(free_now) {
+                    p.forget();
+                }
+            }
+            let later = excess - free_now;
+            if later > 0 {
+                let in_use = self.in_use.clone();
+                let withdraw = async move {
+                    if let Ok(p) = in_use.acquire_many_owned(later).await {
+                        p.forget();
+                    }
+                };
+                match tokio::runtime::Handle::try_current() {
+                    Ok(rt) => drop(rt.spawn(withdraw)),
+                    Err(_) => tracing::warn!("no runtime to lower the app connection cap on; it stays at {old}"),
+                }
+            }
+        }
+    }
+
     /// Idle connections right now (for tests and status).
     pub fn idle_count(&self) -> usize {
         self.idle.iter().map(|slot| slot.lock().map_or(0, |v| v.len())).sum()
@@ -192,7 +243,7 @@ impl ConnPool {
         if let Some(sender) = self.take_idle(local, idle_timeout) {
             return Some(sender);
         }
-        if self.open.load(Ordering::Relaxed) < MAX_CONNS {
+        if self.open.load(Ordering::Relaxed) < self.limit() {
             return None;
         }
         (0..self.idle.len()).filter(|&slot| slot != local).find_map(|slot| self.take_idle(slot, idle_timeout))
@@ -373,5 +424,29 @@ impl HttpBody for UpstreamBody {
             UpstreamBody::Client(b) => b.size_hint(),
             UpstreamBody::Empty => SizeHint::with_exact(0),
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[tokio::test]
+    async fn lowering_the_cap_waits_for_busy_connections_and_raising_it_frees_at_once() {
+        let pool = ConnPool::new(4);
+        // Three requests in flight.
+        let busy = pool.in_use.clone().acquire_many_owned(3).await.unwrap();
+        pool.set_limit(2);
+        assert_eq!(pool.in_use.available_permits(), 0, "no new request may start while 3 > 2 are busy");
+        drop(busy);
+        tokio::task::yield_now().await;
+        assert_eq!(pool.in_use.available_permits(), 2, "once they finish, the new cap holds");
+
+        pool.set_limit(5);
+        assert_eq!(pool.in_use.available_permits(), 5);
+        assert_eq!(pool.limit(), 5);
+        pool.set_limit(0);
+        assert_eq!(pool.limit(), 1, "a cap of 0 would stop every request; it means 1");
+        assert_eq!(pool.in_use.available_permits(), 1);
     }
 }

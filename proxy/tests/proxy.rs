@@ -1487,7 +1487,71 @@ fn established_to(port: u16) -> usize {
         .count()
 }
 
-/// More requests in flight than the per-container cap (256, `upstream::MAX_CONNS`): the app
+/// An app's own `max_connections` (here 6) holds the same way: 20 slow requests over one
+/// HTTP/2 connection reach the app over at most 6 connections, in waves, and all succeed.
+#[tokio::test(flavor = "multi_thread")]
+async fn an_apps_own_connection_cap_is_kept() {
+    const CAP: usize = 6;
+    const REQUESTS: usize = 20;
+    const SLEEP_MS: u64 = 600;
+    let _g = HEAVY.read().await;
+    let app = tokio::task::block_in_place(start_app);
+    let p = tokio::task::block_in_place(|| Proxy::start(app.addr, &["--threads", "2", "--max-connections", "6"]));
+    let c = Client::connect(p.https, client_config(&p.cert, &[b"h2"])).await.unwrap();
+    let Sender::H2(sender) = &c.sender else { panic!("h2 was negotiated") };
+
+    let stop = Arc::new(AtomicBool::new(false));
+    let sampler = {
+        let stop = stop.clone();
+        let port = app.addr.port();
+        tokio::task::spawn_blocking(move || {
+            let mut most = 0;
+            while !stop.load(Ordering::Relaxed) {
+                most = most.max(established_to(port));
+                std::thread::sleep(Duration::from_millis(20));
+            }
+            most
+        })
+    };
+    let started = Instant::now();
+    let mut requests = tokio::task::JoinSet::new();
+    for i in 0..REQUESTS {
+        let mut sender = sender.clone();
+        let uri = format!("https://{}/sleep?ms={SLEEP_MS}", c.authority);
+        requests.spawn(async move {
+            let req = Request::builder().uri(uri).body(empty()).unwrap();
+            sender.ready().await.map_err(|e| format!("request {i}: {e}"))?;
+            let resp = sender.send_request(req).await.map_err(|e| format!("request {i}: {e}"))?;
+            let status = resp.status();
+            resp.into_body().collect().await.map_err(|e| format!("request {i}: {e}"))?;
+            if status != StatusCode::OK {
+                return Err(format!("request {i}: status {status}"));
+            }
+            Ok(())
+        });
+    }
+    let mut failures = Vec::new();
+    while let Some(r) = requests.join_next().await {
+        if let Err(e) = r.unwrap() {
+            failures.push(e);
+        }
+    }
+    let took = started.elapsed();
+    stop.store(true, Ordering::Relaxed);
+    let most = sampler.await.unwrap();
+
+    assert!(failures.is_empty(), "{} of {REQUESTS} requests failed: {failures:?}", failures.len());
+    assert!(most <= CAP, "the app saw {most} connections from the proxy at once; its cap is {CAP}");
+    assert!(most >= CAP - 1, "only {most} app connections at once for {REQUESTS} concurrent requests");
+    // 20 requests over 6 connections: four waves of a whole sleep each.
+    assert!(
+        took >= Duration::from_millis(4 * SLEEP_MS - 100),
+        "all {REQUESTS} requests done in {took:?}: more than {CAP} ran at once"
+    );
+    drop(app);
+}
+
+/// More requests in flight than the per-container cap (256, `upstream::DEFAULT_MAX_CONNS`): the app
 /// never sees more than 256 connections from the proxy, and the requests past the cap wait
 /// for a free connection and succeed instead of failing or opening more.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

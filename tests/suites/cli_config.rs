@@ -466,6 +466,8 @@ fn every_validation_error_names_key_and_line() {
         case("memory overflowing", vec![rep("port = 9000", "port = 9000\nmemory = \"99999999999g\"")], "apps.admin.memory", "memory", "is too large"),
         case("cpus zero", vec![rep("port = 9000", "port = 9000\ncpus = 0.0")], "apps.admin.cpus", "cpus", "must be greater than 0"),
         case("cpus above 1024", vec![rep("port = 9000", "port = 9000\ncpus = 2000.0")], "apps.admin.cpus", "cpus", "at most 1024"),
+        case("max_connections zero", vec![rep("port = 9000", "port = 9000\nmax_connections = 0")], "apps.admin.max_connections", "max_connections", "must be at least 1"),
+        case("max_connections too many", vec![rep("port = 9000", "port = 9000\nmax_connections = 50000")], "apps.admin.max_connections", "max_connections", "at most 10000"),
         case("relative health.path", vec![rep("path = \"/health\"", "path = \"health\"")], "apps.web.health.path", "\"health\"", "must start with '/'"),
         case("health interval zero", vec![rep("path = \"/health\"", "path = \"/health\"\ninterval = \"0s\"")], "apps.web.health.interval", "interval", "must be greater than 0s"),
         case("health timeout zero", vec![rep("path = \"/health\"", "path = \"/health\"\ntimeout = \"0s\"")], "apps.web.health.timeout", "timeout", "must be greater than 0s"),
