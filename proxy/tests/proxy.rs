@@ -1487,38 +1487,37 @@ fn established_to(port: u16) -> usize {
         .count()
 }
 
-/// An app's own `max_connections` (here 6) holds the same way: 20 slow requests over one
-/// HTTP/2 connection reach the app over at most 6 connections, in waves, and all succeed.
-#[tokio::test(flavor = "multi_thread")]
-async fn an_apps_own_connection_cap_is_kept() {
-    const CAP: usize = 6;
-    const REQUESTS: usize = 20;
-    const SLEEP_MS: u64 = 600;
-    let _g = HEAVY.read().await;
-    let app = tokio::task::block_in_place(start_app);
-    let p = tokio::task::block_in_place(|| Proxy::start(app.addr, &["--threads", "2", "--max-connections", "6"]));
-    let c = Client::connect(p.https, client_config(&p.cert, &[b"h2"])).await.unwrap();
-    let Sender::H2(sender) = &c.sender else { panic!("h2 was negotiated") };
+/// What [`slow_requests`] saw: failed requests, the most app connections open at once, and
+/// how long all took.
+struct CapRun {
+    failures: Vec<String>,
+    most: usize,
+    took: Duration,
+}
 
+/// Sends `requests` concurrent `/sleep?ms=sleep_ms` requests over the clients' HTTP/2
+/// connections (round robin), sampling the proxy's connections to the app every 20 ms.
+async fn slow_requests(clients: &[Client], app_port: u16, requests: usize, sleep_ms: u64) -> CapRun {
     let stop = Arc::new(AtomicBool::new(false));
     let sampler = {
         let stop = stop.clone();
-        let port = app.addr.port();
         tokio::task::spawn_blocking(move || {
             let mut most = 0;
             while !stop.load(Ordering::Relaxed) {
-                most = most.max(established_to(port));
+                most = most.max(established_to(app_port));
                 std::thread::sleep(Duration::from_millis(20));
             }
             most
         })
     };
     let started = Instant::now();
-    let mut requests = tokio::task::JoinSet::new();
-    for i in 0..REQUESTS {
+    let mut running = tokio::task::JoinSet::new();
+    for i in 0..requests {
+        let c = &clients[i % clients.len()];
+        let Sender::H2(sender) = &c.sender else { panic!("h2 was negotiated") };
         let mut sender = sender.clone();
-        let uri = format!("https://{}/sleep?ms={SLEEP_MS}", c.authority);
-        requests.spawn(async move {
+        let uri = format!("https://{}/sleep?ms={sleep_ms}", c.authority);
+        running.spawn(async move {
             let req = Request::builder().uri(uri).body(empty()).unwrap();
             sender.ready().await.map_err(|e| format!("request {i}: {e}"))?;
             let resp = sender.send_request(req).await.map_err(|e| format!("request {i}: {e}"))?;
@@ -1531,22 +1530,38 @@ async fn an_apps_own_connection_cap_is_kept() {
         });
     }
     let mut failures = Vec::new();
-    while let Some(r) = requests.join_next().await {
+    while let Some(r) = running.join_next().await {
         if let Err(e) = r.unwrap() {
             failures.push(e);
         }
     }
     let took = started.elapsed();
     stop.store(true, Ordering::Relaxed);
-    let most = sampler.await.unwrap();
+    CapRun { failures, most: sampler.await.unwrap(), took }
+}
 
-    assert!(failures.is_empty(), "{} of {REQUESTS} requests failed: {failures:?}", failures.len());
-    assert!(most <= CAP, "the app saw {most} connections from the proxy at once; its cap is {CAP}");
-    assert!(most >= CAP - 1, "only {most} app connections at once for {REQUESTS} concurrent requests");
+/// An app's own `max_connections` (here 6) holds the same way: 20 slow requests over one
+/// HTTP/2 connection reach the app over at most 6 connections, in waves, and all succeed.
+#[tokio::test(flavor = "multi_thread")]
+async fn an_apps_own_connection_cap_is_kept() {
+    const CAP: usize = 6;
+    const REQUESTS: usize = 20;
+    const SLEEP_MS: u64 = 600;
+    let _g = HEAVY.read().await;
+    let app = tokio::task::block_in_place(start_app);
+    let p = tokio::task::block_in_place(|| Proxy::start(app.addr, &["--threads", "2", "--max-connections", "6"]));
+    let c = Client::connect(p.https, client_config(&p.cert, &[b"h2"])).await.unwrap();
+    assert!(c.is_h2());
+
+    let run = slow_requests(&[c], app.addr.port(), REQUESTS, SLEEP_MS).await;
+    assert!(run.failures.is_empty(), "{} of {REQUESTS} requests failed: {:?}", run.failures.len(), run.failures);
+    assert!(run.most <= CAP, "the app saw {} connections from the proxy at once; its cap is {CAP}", run.most);
+    assert!(run.most >= CAP - 1, "only {} app connections at once for {REQUESTS} concurrent requests", run.most);
     // 20 requests over 6 connections: four waves of a whole sleep each.
     assert!(
-        took >= Duration::from_millis(4 * SLEEP_MS - 100),
-        "all {REQUESTS} requests done in {took:?}: more than {CAP} ran at once"
+        run.took >= Duration::from_millis(4 * SLEEP_MS - 100),
+        "all {REQUESTS} requests done in {:?}: more than {CAP} ran at once",
+        run.took
     );
     drop(app);
 }
@@ -1570,48 +1585,8 @@ async fn requests_past_the_per_app_connection_cap_wait_for_a_free_connection() {
         clients.push(c);
     }
 
-    let stop = Arc::new(AtomicBool::new(false));
-    let sampler = {
-        let stop = stop.clone();
-        let port = app.addr.port();
-        tokio::task::spawn_blocking(move || {
-            let mut most = 0;
-            while !stop.load(Ordering::Relaxed) {
-                most = most.max(established_to(port));
-                std::thread::sleep(Duration::from_millis(20));
-            }
-            most
-        })
-    };
-
-    let started = Instant::now();
-    let mut requests = tokio::task::JoinSet::new();
-    for i in 0..REQUESTS {
-        let c = &clients[i % 2];
-        let Sender::H2(sender) = &c.sender else { unreachable!() };
-        let mut sender = sender.clone();
-        let uri = format!("https://{}/sleep?ms={SLEEP_MS}", c.authority);
-        requests.spawn(async move {
-            let req = Request::builder().uri(uri).body(empty()).unwrap();
-            sender.ready().await.map_err(|e| format!("request {i}: {e}"))?;
-            let resp = sender.send_request(req).await.map_err(|e| format!("request {i}: {e}"))?;
-            let status = resp.status();
-            resp.into_body().collect().await.map_err(|e| format!("request {i}: {e}"))?;
-            if status != StatusCode::OK {
-                return Err(format!("request {i}: status {status}"));
-            }
-            Ok(())
-        });
-    }
-    let mut failures = Vec::new();
-    while let Some(r) = requests.join_next().await {
-        if let Err(e) = r.unwrap() {
-            failures.push(e);
-        }
-    }
-    let took = started.elapsed();
-    stop.store(true, Ordering::Relaxed);
-    let most = sampler.await.unwrap();
+    let run = slow_requests(&clients, app.addr.port(), REQUESTS, SLEEP_MS).await;
+    let (failures, most, took) = (run.failures, run.most, run.took);
 
     assert!(failures.is_empty(), "{} of {REQUESTS} requests failed: {failures:?}", failures.len());
     assert!(most <= CAP, "the app saw {most} connections from the proxy at once; the cap is {CAP}");
