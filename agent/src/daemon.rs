@@ -95,7 +95,7 @@ async fn run(config: Config, path: PathBuf) -> anyhow::Result<()> {
 
     let status: StatusBoard = Default::default();
     let live = Arc::new(Live::new(config.clone(), health.clone(), status.clone()));
-    let metrics = Arc::new(Metrics::new(live.clone()));
+    let metrics = Arc::new(Metrics::new(live.clone(), router.clone()));
 
     // 3. Servers. They run until `shutdown` fires, then drain.
     let shutdown = CancellationToken::new();

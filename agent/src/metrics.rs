@@ -12,6 +12,7 @@ use std::sync::{Arc, OnceLock};
 use arc_swap::ArcSwap;
 
 use berth_proxy::https::{Observer, RequestRecord};
+use berth_proxy::routes::Router;
 use berth_proxy::server::{ConnInfo, Handler};
 use berth_proxy::{text_response, Body};
 use http::StatusCode;
@@ -114,7 +115,7 @@ pub struct Metrics {
 }
 
 impl Metrics {
-    pub fn new(live: Arc<Live>) -> Self {
+    pub fn new(live: Arc<Live>, router: Router) -> Self {
         let mut registry = Registry::default();
         let requests = RequestMetrics::new();
         registry.register(
@@ -127,7 +128,7 @@ impl Metrics {
             "Time from request head to response head, by app",
             requests.duration.clone(),
         );
-        registry.register_collector(Box::new(StateCollector { live }));
+        registry.register_collector(Box::new(StateCollector { live, router }));
         Metrics { registry, requests }
     }
 
@@ -140,9 +141,10 @@ impl Metrics {
     }
 }
 
-/// State read from [`Live`] at each scrape.
+/// State read from [`Live`] and the router at each scrape.
 struct StateCollector {
     live: Arc<Live>,
+    router: Router,
 }
 
 impl std::fmt::Debug for StateCollector {
@@ -162,6 +164,38 @@ impl Collector for StateCollector {
         for name in config.apps.keys() {
             let healthy = !unhealthy.contains_key(name) && apps.get(name).is_some_and(|s| s.healthy);
             ConstGauge::new(healthy as i64).encode(m.encode_family(&[("app", name.as_str())])?)?;
+        }
+
+        // The container serving each app now: its pooled connections, and the requests that
+        // wait because all `max_connections` are busy (the sign to raise it, or to scale).
+        let backends: Vec<_> = config.apps.keys().filter_map(|name| Some((name, self.router.backend(name)?))).collect();
+        let mut m = encoder.encode_descriptor(
+            "berth_app_connections",
+            "Connections from berth to the app's container, by state (idle: kept for reuse)",
+            None,
+            g.metric_type(),
+        )?;
+        for (name, b) in &backends {
+            let s = b.conns.stats();
+            ConstGauge::new(s.open as i64).encode(m.encode_family(&[("app", name.as_str()), ("state", "open")])?)?;
+            ConstGauge::new(s.idle as i64).encode(m.encode_family(&[("app", name.as_str()), ("state", "idle")])?)?;
+        }
+        let mut m = encoder.encode_descriptor("berth_app_max_connections", "The app's max_connections", None, g.metric_type())?;
+        for (name, b) in &backends {
+            ConstGauge::new(b.conns.limit() as i64).encode(m.encode_family(&[("app", name.as_str())])?)?;
+        }
+        let mut m = encoder.encode_descriptor(
+            "berth_app_requests_waiting",
+            "Requests waiting for a connection to the app because max_connections are busy",
+            None,
+            g.metric_type(),
+        )?;
+        for (name, b) in &backends {
+            ConstGauge::new(b.conns.stats().waiting as i64).encode(m.encode_family(&[("app", name.as_str())])?)?;
+        }
+        let mut m = encoder.encode_descriptor("berth_app_requests_in_flight", "Requests being forwarded to the app", None, g.metric_type())?;
+        for (name, b) in &backends {
+            ConstGauge::new(b.in_flight() as i64).encode(m.encode_family(&[("app", name.as_str())])?)?;
         }
 
         let c = ConstCounter::new(0u64);

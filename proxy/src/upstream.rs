@@ -21,7 +21,7 @@
 
 use std::net::SocketAddr;
 use std::pin::Pin;
-use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::task::{Context, Poll};
 use std::time::{Duration, Instant};
@@ -93,7 +93,29 @@ pub struct ConnPool {
     limit: AtomicUsize,
     /// Connections open to the app now, idle or busy (upgraded tunnels leave the count).
     open: Arc<AtomicUsize>,
+    /// Requests waiting for a connection because the cap is reached.
+    waiting: AtomicUsize,
+    /// When the journal was last told this pool is at its cap (ms since `created`), so a
+    /// burst is reported once a minute, not once per request.
+    last_at_cap_warning: AtomicU64,
+    created: Instant,
 }
+
+/// A pool's counts at one moment (for metrics and status).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct PoolStats {
+    /// Connections open to the app, idle or carrying a request.
+    pub open: usize,
+    /// Of those, idle ones kept for reuse.
+    pub idle: usize,
+    /// Requests waiting for a connection to come free (the cap is reached).
+    pub waiting: usize,
+    /// The cap (`max_connections`).
+    pub limit: usize,
+}
+
+/// How often at most the journal hears that one pool is at its cap.
+const AT_CAP_WARNING_EVERY: Duration = Duration::from_secs(60);
 
 /// Per-thread idle lists in each pool; threads beyond this share lists (still correct,
 /// with cross-thread wakeups).
@@ -136,6 +158,19 @@ impl ConnPool {
             in_use: Arc::new(Semaphore::new(max_conns)),
             limit: AtomicUsize::new(max_conns),
             open: Arc::new(AtomicUsize::new(0)),
+            waiting: AtomicUsize::new(0),
+            last_at_cap_warning: AtomicU64::new(u64::MAX),
+            created: Instant::now(),
+        }
+    }
+
+    /// Open, idle and waiting counts now.
+    pub fn stats(&self) -> PoolStats {
+        PoolStats {
+            open: self.open.load(Ordering::Relaxed),
+            idle: self.idle_count(),
+            waiting: self.waiting.load(Ordering::Relaxed),
+            limit: self.limit(),
         }
     }
 
@@ -201,8 +236,17 @@ impl ConnPool {
         timeouts: PoolTimeouts,
         upgrade: bool,
     ) -> Result<Response<PooledBody>, UpstreamError> {
-        // The semaphore is never closed, so this waits for a free slot and cannot fail.
-        let permit = self.in_use.clone().acquire_owned().await.map_err(|_| UpstreamError::PoolClosed)?;
+        let permit = match self.in_use.clone().try_acquire_owned() {
+            Ok(permit) => permit,
+            Err(_) => {
+                self.warn_at_cap(addr);
+                self.waiting.fetch_add(1, Ordering::Relaxed);
+                // Counted down however the wait ends (a client that goes away drops it).
+                let _waiting = CountGuard(&self.waiting);
+                // The semaphore is never closed, so this waits for a free slot and cannot fail.
+                self.in_use.clone().acquire_owned().await.map_err(|_| UpstreamError::PoolClosed)?
+            }
+        };
         let mut replay = replayable_head(&req);
         let mut req = req.map(UpstreamBody::Client);
         while let Some(mut sender) = self.checkout(timeouts.idle) {
@@ -231,6 +275,19 @@ impl ConnPool {
         match sender.send_request(req).await {
             Ok(resp) => Ok(self.wrap(resp, sender, permit, upgrade)),
             Err(source) => Err(UpstreamError::Request { source }),
+        }
+    }
+
+    fn warn_at_cap(&self, addr: SocketAddr) {
+        let now = self.created.elapsed().as_millis() as u64;
+        let last = self.last_at_cap_warning.load(Ordering::Relaxed);
+        let due = last == u64::MAX || now.saturating_sub(last) >= AT_CAP_WARNING_EVERY.as_millis() as u64;
+        if due && self.last_at_cap_warning.compare_exchange(last, now, Ordering::Relaxed, Ordering::Relaxed).is_ok() {
+            tracing::warn!(
+                upstream = %addr,
+                max_connections = self.limit(),
+                "every connection to the app is busy; requests wait for one to come free (raise the app's max_connections if it can serve more at once)"
+            );
         }
     }
 
@@ -311,6 +368,15 @@ async fn connect(addr: SocketAddr, timeout: Duration, open: &Arc<AtomicUsize>) -
         }
     });
     Ok(sender)
+}
+
+/// Decrements `count` when dropped.
+struct CountGuard<'a>(&'a AtomicUsize);
+
+impl Drop for CountGuard<'_> {
+    fn drop(&mut self) {
+        self.0.fetch_sub(1, Ordering::Relaxed);
+    }
 }
 
 /// One connection in a pool's count of open connections, until dropped: when the

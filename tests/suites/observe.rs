@@ -133,3 +133,87 @@ max_backoff = "1s"
     assert_eq!(code, 1);
     assert!(err.contains("no app named no-such-app"), "{err}");
 }
+
+/// `max_connections` as an operator meets it: a burst past the cap waits in berth (the
+/// container never sees more connections than the cap), `/metrics` shows the waiting
+/// requests and the open connections, the journal says once that the app is at its cap, and
+/// a reload that raises the cap lets the next burst through in one wave.
+#[test]
+fn a_burst_past_max_connections_waits_shows_in_metrics_and_a_reload_raises_the_cap() {
+    const SLEEP_MS: u64 = 1500;
+    let dir = TestDir::new();
+    let ports = Ports::pick();
+    let metrics_port = free_port();
+    let app = TestApp::new("cap");
+    let rest = format!(
+        r#"
+[apps.{name}]
+image = "{image}"
+port = 8080
+pull = "never"
+max_connections = 2
+[apps.{name}.health]
+path = "/health"
+interval = "300ms"
+"#,
+        name = app.name,
+        image = env("BERTH_TEST_APP_IMAGE"),
+    );
+    let src = config_toml(&dir, ports, "0s", "2s", &rest)
+        .replace("metrics_listen = \"\"", &format!("metrics_listen = \"127.0.0.1:{metrics_port}\""));
+    let cfg = dir.write("berth.toml", &src);
+    let berth = Berth::spawn(Berth::command(&cfg), &dir);
+    wait_for("healthy", Duration::from_secs(30), || {
+        (curl(&["-k", &format!("https://127.0.0.1:{}/", ports.https)]).0 == 200).then_some(())
+    });
+    let labels = [("app", app.name.as_str())];
+    assert_eq!(value(&scrape(metrics_port), "berth_app_max_connections", &labels), Some(2.0));
+
+    // Six slow requests at once; each curl is its own client connection.
+    let burst = |n: usize| -> Vec<std::thread::JoinHandle<u16>> {
+        (0..n)
+            .map(|_| {
+                let url = format!("https://127.0.0.1:{}/sleep?ms={SLEEP_MS}", ports.https);
+                std::thread::spawn(move || curl(&["-k", &url]).0)
+            })
+            .collect()
+    };
+    let started = std::time::Instant::now();
+    let requests = burst(6);
+    let during = wait_for("requests waiting at the cap", Duration::from_secs(5), || {
+        let s = scrape(metrics_port);
+        (value(&s, "berth_app_requests_waiting", &labels) == Some(4.0)).then_some(s)
+    });
+    assert_eq!(value(&during, "berth_app_connections", &[("app", app.name.as_str()), ("state", "open")]), Some(2.0));
+    assert_eq!(value(&during, "berth_app_requests_in_flight", &labels), Some(6.0), "waiting requests count as in flight");
+    for r in requests {
+        assert_eq!(r.join().unwrap(), 200, "every request past the cap is served, late");
+    }
+    let took = started.elapsed();
+    assert!(took >= Duration::from_millis(3 * SLEEP_MS - 200), "6 requests over 2 connections take 3 waves; took {took:?}");
+    let s = scrape(metrics_port);
+    assert_eq!(value(&s, "berth_app_requests_waiting", &labels), Some(0.0));
+    assert_eq!(value(&s, "berth_app_requests_in_flight", &labels), Some(0.0));
+    let logs = berth.logs();
+    let warnings = logs.lines().filter(|l| l.contains("every connection to the app is busy")).count();
+    assert_eq!(warnings, 1, "the journal hears once about a burst at the cap:\n{logs}");
+    assert!(
+        logs.lines().any(|l| l.contains("every connection to the app is busy") && log_field(l, "max_connections", "2")),
+        "the warning names the cap:\n{logs}"
+    );
+
+    // Raise the cap in place: the same container, the next burst in one wave.
+    let container = app.containers(true);
+    dir.write("berth.toml", &src.replace("max_connections = 2", "max_connections = 6"));
+    berth.signal("HUP");
+    wait_for("the new cap", Duration::from_secs(10), || {
+        (value(&scrape(metrics_port), "berth_app_max_connections", &labels) == Some(6.0)).then_some(())
+    });
+    let started = std::time::Instant::now();
+    for r in burst(6) {
+        assert_eq!(r.join().unwrap(), 200);
+    }
+    let took = started.elapsed();
+    assert!(took < Duration::from_millis(2 * SLEEP_MS), "6 requests under a cap of 6 run at once; took {took:?}");
+    assert_eq!(app.containers(true), container, "a new cap does not restart the app");
+}
