@@ -25,6 +25,20 @@ fn value(s: &Scrape, metric: &str, labels: &[(&str, &str)]) -> Option<f64> {
         })
 }
 
+/// The test app as `[apps.NAME]`, health-checked every 300 ms, with `keys` added to its
+/// table and `tables` (its sub-tables) after it.
+fn app_toml(name: &str, keys: &str, tables: &str) -> String {
+    format!(
+        "\n[apps.{name}]\nimage = \"{image}\"\nport = 8080\npull = \"never\"\n{keys}[apps.{name}.health]\npath = \"/health\"\ninterval = \"300ms\"\n{tables}",
+        image = env("BERTH_TEST_APP_IMAGE"),
+    )
+}
+
+/// `src` with `/metrics` served on `port`.
+fn with_metrics(src: String, port: u16) -> String {
+    src.replace("metrics_listen = \"\"", &format!("metrics_listen = \"127.0.0.1:{port}\""))
+}
+
 fn berth_cmd(args: &[&str], cfg: &std::path::Path) -> (i32, String, String) {
     let out = Command::new(berth_bin()).args(args).arg("-c").arg(cfg).output().unwrap();
     (
@@ -40,24 +54,9 @@ fn metrics_status_and_deploy() {
     let ports = Ports::pick();
     let metrics_port = free_port();
     let app = TestApp::new("obs");
-    let rest = format!(
-        r#"
-[apps.{name}]
-image = "{image}"
-port = 8080
-pull = "never"
-[apps.{name}.health]
-path = "/health"
-interval = "300ms"
-[apps.{name}.restart]
-initial_backoff = "200ms"
-max_backoff = "1s"
-"#,
-        name = app.name,
-        image = env("BERTH_TEST_APP_IMAGE"),
-    );
-    let src = config_toml(&dir, ports, "0s", "2s", &rest)
-        .replace("metrics_listen = \"\"", &format!("metrics_listen = \"127.0.0.1:{metrics_port}\""))
+    let restart = format!("[apps.{}.restart]\ninitial_backoff = \"200ms\"\nmax_backoff = \"1s\"\n", app.name);
+    let rest = app_toml(&app.name, "", &restart);
+    let src = with_metrics(config_toml(&dir, ports, "0s", "2s", &rest), metrics_port)
         .replace("[http]\n", "[http]\naccess_log = \"all\"\n");
     let cfg = dir.write("berth.toml", &src);
     let berth = Berth::spawn(Berth::command(&cfg), &dir);
@@ -145,22 +144,8 @@ fn a_burst_past_max_connections_waits_shows_in_metrics_and_a_reload_raises_the_c
     let ports = Ports::pick();
     let metrics_port = free_port();
     let app = TestApp::new("cap");
-    let rest = format!(
-        r#"
-[apps.{name}]
-image = "{image}"
-port = 8080
-pull = "never"
-max_connections = 2
-[apps.{name}.health]
-path = "/health"
-interval = "300ms"
-"#,
-        name = app.name,
-        image = env("BERTH_TEST_APP_IMAGE"),
-    );
-    let src = config_toml(&dir, ports, "0s", "2s", &rest)
-        .replace("metrics_listen = \"\"", &format!("metrics_listen = \"127.0.0.1:{metrics_port}\""));
+    let rest = app_toml(&app.name, "max_connections = 2\n", "");
+    let src = with_metrics(config_toml(&dir, ports, "0s", "2s", &rest), metrics_port);
     let cfg = dir.write("berth.toml", &src);
     let berth = Berth::spawn(Berth::command(&cfg), &dir);
     wait_for("healthy", Duration::from_secs(30), || {
