@@ -182,7 +182,8 @@ impl ConnPool {
     /// Changes the cap while requests flow (a config reload). Raising it frees permits at
     /// once. Lowering it withdraws permits as requests finish: those in flight run to the end
     /// on the connections they have, and no new request starts until fewer than the new cap
-    /// are busy. Idle connections over the cap close with the pool's idle timeout.
+    /// are busy. Idle connections over the cap go unused and are dropped once found idle
+    /// past the pool's idle timeout.
     pub fn set_limit(&self, max_conns: usize) {
         let max_conns = max_conns.max(1);
         // A swap: two changes at once each apply the difference from the one before.
@@ -193,12 +194,15 @@ impl ConnPool {
             let excess = (old - max_conns) as u32;
             // Permits free now are withdrawn now; the rest as the requests holding them end.
             let free_now = (self.in_use.available_permits() as u32).min(excess);
-            if free_now > 0 {
-                if let Ok(p) = self.in_use.try_acquire_many(free_now) {
+            // A request may take one of them between the count and here; then all go later.
+            let withdrawn = match self.in_use.try_acquire_many(free_now) {
+                Ok(p) if free_now > 0 => {
                     p.forget();
+                    free_now
                 }
-            }
-            let later = excess - free_now;
+                _ => 0,
+            };
+            let later = excess - withdrawn;
             if later > 0 {
                 let in_use = self.in_use.clone();
                 let withdraw = async move {
