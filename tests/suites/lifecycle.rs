@@ -6,7 +6,7 @@ use std::process::Command;
 use std::time::{Duration, Instant};
 
 use berth_tests::notify::NotifySocket;
-use berth_tests::{config_toml, curl, free_port, wait_for, Berth, Ports, TestDir};
+use berth_tests::{config_toml, curl, free_port, wait_for, Berth, Ports, TestApp, TestDir};
 
 fn health(port: u16) -> (u16, String) {
     curl(&[&format!("http://127.0.0.1:{port}/_berth/health")])
@@ -90,12 +90,12 @@ fn status_after<'a>(received: &'a [String], state: &str) -> Option<&'a str> {
 fn health_is_503_until_apps_are_healthy_and_http_redirects_to_https() {
     let dir = TestDir::new();
     let ports = Ports::pick();
-    let apps = r#"
-[apps.web]
-image = "berth-testapp:latest"
-port = 8080
-"#;
-    let cfg = dir.write("berth.toml", &config_toml(&dir, ports, "0s", "1s", apps));
+    // An app of its own, whose container is removed when the test ends: berth leaves app
+    // containers running when it stops, and one labelled for a common name ("web") would be
+    // adopted by the next berth configured with that name (scripts/demo's, for one).
+    let app = TestApp::new("web");
+    let apps = format!("\n[apps.{}]\nimage = \"berth-testapp:latest\"\nport = 8080\n", app.name);
+    let cfg = dir.write("berth.toml", &config_toml(&dir, ports, "0s", "1s", &apps));
     let berth = Berth::spawn(Berth::command(&cfg), &dir);
     let (code, body) = wait_for("health to answer", Duration::from_secs(10), || {
         let r = health(ports.http);
@@ -103,7 +103,7 @@ port = 8080
     });
     assert_eq!(code, 503, "{body}\n{}", berth.logs());
     let json: serde_json::Value = serde_json::from_str(&body).unwrap();
-    assert!(json["unhealthy"]["web"].is_string(), "the body names the unhealthy app: {body}");
+    assert!(json["unhealthy"][&app.name].is_string(), "the body names the unhealthy app: {body}");
 
     // Everything that is not ACME or health goes to https, keeping path and query.
     let out = Command::new("curl")
