@@ -94,8 +94,8 @@ async fn run(config: Config, path: PathBuf) -> anyhow::Result<()> {
     access::close_until_secrets(&config, &router);
 
     let status: StatusBoard = Default::default();
-    let live = Arc::new(Live::new(config.clone(), health.clone(), status.clone()));
-    let metrics = Arc::new(Metrics::new(live.clone(), router.clone()));
+    let live = Arc::new(Live::new(config.clone(), health.clone(), router.clone(), status.clone()));
+    let metrics = Arc::new(Metrics::new(live.clone()));
 
     // 3. Servers. They run until `shutdown` fires, then drain.
     let shutdown = CancellationToken::new();

@@ -12,7 +12,6 @@ use std::sync::{Arc, OnceLock};
 use arc_swap::ArcSwap;
 
 use berth_proxy::https::{Observer, RequestRecord};
-use berth_proxy::routes::Router;
 use berth_proxy::server::{ConnInfo, Handler};
 use berth_proxy::{text_response, Body};
 use http::StatusCode;
@@ -115,7 +114,7 @@ pub struct Metrics {
 }
 
 impl Metrics {
-    pub fn new(live: Arc<Live>, router: Router) -> Self {
+    pub fn new(live: Arc<Live>) -> Self {
         let mut registry = Registry::default();
         let requests = RequestMetrics::new();
         registry.register(
@@ -128,7 +127,7 @@ impl Metrics {
             "Time from request head to response head, by app",
             requests.duration.clone(),
         );
-        registry.register_collector(Box::new(StateCollector { live, router }));
+        registry.register_collector(Box::new(StateCollector { live }));
         Metrics { registry, requests }
     }
 
@@ -141,10 +140,9 @@ impl Metrics {
     }
 }
 
-/// State read from [`Live`] and the router at each scrape.
+/// State read from [`Live`] at each scrape.
 struct StateCollector {
     live: Arc<Live>,
-    router: Router,
 }
 
 impl std::fmt::Debug for StateCollector {
@@ -168,7 +166,7 @@ impl Collector for StateCollector {
 
         // The container serving each app now: its pooled connections, and the requests that
         // wait because all `max_connections` are busy (the sign to raise it, or to scale).
-        let backends: Vec<_> = config.apps.keys().filter_map(|name| Some((name, self.router.backend(name)?))).collect();
+        let backends: Vec<_> = config.apps.keys().filter_map(|name| Some((name, self.live.router.backend(name)?))).collect();
         let mut m = encoder.encode_descriptor(
             "berth_app_connections",
             "Connections from berth to the app's container, by state (idle: kept for reuse)",

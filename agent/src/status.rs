@@ -11,6 +11,7 @@ use std::time::{Instant, SystemTime, UNIX_EPOCH};
 
 use arc_swap::ArcSwapOption;
 use berth_proxy::health::Health;
+use berth_proxy::routes::Router;
 use serde::Serialize;
 use tokio::sync::watch;
 
@@ -23,6 +24,8 @@ pub struct Live {
     /// in place (certificates, the secrets source) can follow it.
     config: watch::Sender<Arc<Config>>,
     pub health: Health,
+    /// What `:443` routes by; its backends carry each app's connection counts.
+    pub router: Router,
     pub apps: StatusBoard,
     pub secrets: OnceLock<SecretsHandle>,
     pub supervisor: OnceLock<Arc<Supervisor>>,
@@ -34,10 +37,11 @@ pub struct Live {
 }
 
 impl Live {
-    pub fn new(config: Config, health: Health, apps: StatusBoard) -> Self {
+    pub fn new(config: Config, health: Health, router: Router, apps: StatusBoard) -> Self {
         Live {
             config: watch::Sender::new(Arc::new(config)),
             health,
+            router,
             apps,
             secrets: OnceLock::new(),
             supervisor: OnceLock::new(),
@@ -86,6 +90,16 @@ impl Live {
                     AppReport {
                         problem: unhealthy.get(name).cloned(),
                         routes: cfg.routes.clone(),
+                        connections: self.router.backend(name).map(|b| {
+                            let pool = b.conns.stats();
+                            ConnectionsReport {
+                                open: pool.open,
+                                idle: pool.idle,
+                                waiting: pool.waiting,
+                                max: pool.limit,
+                                in_flight: b.in_flight(),
+                            }
+                        }),
                         status: s,
                     },
                 )
@@ -193,8 +207,22 @@ pub struct StatusReport {
 pub struct AppReport {
     pub problem: Option<String>,
     pub routes: Vec<String>,
+    /// berth's connections to the container serving now; none while nothing serves.
+    #[serde(default)]
+    pub connections: Option<ConnectionsReport>,
     #[serde(flatten)]
     pub status: AppStatus,
+}
+
+/// An app's connections and requests at one moment (see `max_connections`).
+#[derive(Debug, Clone, Serialize, serde::Deserialize)]
+pub struct ConnectionsReport {
+    pub open: usize,
+    pub idle: usize,
+    /// Requests waiting because all `max` connections are busy.
+    pub waiting: usize,
+    pub max: usize,
+    pub in_flight: usize,
 }
 
 #[derive(Debug, Clone, Serialize, serde::Deserialize)]
@@ -233,6 +261,14 @@ pub fn render(r: &StatusReport) -> String {
         let _ = writeln!(w, "{name:<14} {health:<9} {container:<14} {image:<21} {port:>6} {:>8}  {}", a.status.restarts, a.problem.as_deref().unwrap_or(&a.status.state));
         if let Some(u) = &a.status.upstream {
             let _ = writeln!(w, "{:<14} requests go to {u}", "");
+        }
+        if let Some(c) = &a.connections {
+            let at_cap = if c.waiting > 0 { " — at max_connections" } else { "" };
+            let _ = writeln!(
+                w,
+                "{:<14} connections: {} open ({} idle) of max {}; {} requests in flight, {} waiting{at_cap}",
+                "", c.open, c.idle, c.max, c.in_flight, c.waiting
+            );
         }
         if let Some(e) = &a.status.last_exit {
             let _ = writeln!(w, "{:<14} last exit: {e}", "");

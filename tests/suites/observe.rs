@@ -171,6 +171,16 @@ fn a_burst_past_max_connections_waits_shows_in_metrics_and_a_reload_raises_the_c
     });
     assert_eq!(value(&during, "berth_app_connections", &[("app", app.name.as_str()), ("state", "open")]), Some(2.0));
     assert_eq!(value(&during, "berth_app_requests_in_flight", &labels), Some(6.0), "waiting requests count as in flight");
+    // `berth status` says the same, for an operator on the instance.
+    let (code, json, err) = berth_cmd(&["status", "--json"], &cfg);
+    assert_eq!(code, 0, "{err}");
+    let v: serde_json::Value = serde_json::from_str(&json).unwrap();
+    let conns = &v["apps"][&app.name]["connections"];
+    assert_eq!(conns["max"], 2, "{json}");
+    assert_eq!(conns["open"], 2, "{json}");
+    assert!(conns["waiting"].as_u64().is_some_and(|w| w >= 1), "requests still wait a wave later: {json}");
+    let (_, out, _) = berth_cmd(&["status"], &cfg);
+    assert!(out.contains("of max 2") && out.contains("at max_connections"), "{out}");
     for r in requests {
         assert_eq!(r.join().unwrap(), 200, "every request past the cap is served, late");
     }
