@@ -166,21 +166,20 @@ impl Collector for StateCollector {
 
         // The container serving each app now: its pooled connections, and the requests that
         // wait because all `max_connections` are busy (the sign to raise it, or to scale).
-        let backends: Vec<_> = config.apps.keys().filter_map(|name| Some((name, self.live.router.backend(name)?))).collect();
+        let conns: Vec<_> = config.apps.keys().filter_map(|name| Some((name, self.live.connections(name)?))).collect();
         let mut m = encoder.encode_descriptor(
             "berth_app_connections",
             "Connections from berth to the app's container, by state (idle: kept for reuse)",
             None,
             g.metric_type(),
         )?;
-        for (name, b) in &backends {
-            let s = b.conns.stats();
-            ConstGauge::new(s.open as i64).encode(m.encode_family(&[("app", name.as_str()), ("state", "open")])?)?;
-            ConstGauge::new(s.idle as i64).encode(m.encode_family(&[("app", name.as_str()), ("state", "idle")])?)?;
+        for (name, c) in &conns {
+            ConstGauge::new(c.open as i64).encode(m.encode_family(&[("app", name.as_str()), ("state", "open")])?)?;
+            ConstGauge::new(c.idle as i64).encode(m.encode_family(&[("app", name.as_str()), ("state", "idle")])?)?;
         }
         let mut m = encoder.encode_descriptor("berth_app_max_connections", "The app's max_connections", None, g.metric_type())?;
-        for (name, b) in &backends {
-            ConstGauge::new(b.conns.limit() as i64).encode(m.encode_family(&[("app", name.as_str())])?)?;
+        for (name, c) in &conns {
+            ConstGauge::new(c.max as i64).encode(m.encode_family(&[("app", name.as_str())])?)?;
         }
         let mut m = encoder.encode_descriptor(
             "berth_app_requests_waiting",
@@ -188,12 +187,12 @@ impl Collector for StateCollector {
             None,
             g.metric_type(),
         )?;
-        for (name, b) in &backends {
-            ConstGauge::new(b.conns.stats().waiting as i64).encode(m.encode_family(&[("app", name.as_str())])?)?;
+        for (name, c) in &conns {
+            ConstGauge::new(c.waiting as i64).encode(m.encode_family(&[("app", name.as_str())])?)?;
         }
         let mut m = encoder.encode_descriptor("berth_app_requests_in_flight", "Requests being forwarded to the app", None, g.metric_type())?;
-        for (name, b) in &backends {
-            ConstGauge::new(b.in_flight() as i64).encode(m.encode_family(&[("app", name.as_str())])?)?;
+        for (name, c) in &conns {
+            ConstGauge::new(c.in_flight as i64).encode(m.encode_family(&[("app", name.as_str())])?)?;
         }
 
         let c = ConstCounter::new(0u64);

@@ -75,6 +75,19 @@ impl Live {
 
     /// The whole status as `berth status --json` prints it. Names, digests, times, counts:
     /// never a secret value.
+    /// `app`'s connections and requests now; `None` while no container serves it.
+    pub fn connections(&self, app: &str) -> Option<ConnectionsReport> {
+        let backend = self.router.backend(app)?;
+        let pool = backend.conns.stats();
+        Some(ConnectionsReport {
+            open: pool.open,
+            idle: pool.idle,
+            waiting: pool.waiting,
+            max: pool.limit,
+            in_flight: backend.in_flight(),
+        })
+    }
+
     pub fn report(&self) -> StatusReport {
         let unhealthy = self.health.unhealthy();
         let apps = self.apps.lock().unwrap().clone();
@@ -90,16 +103,7 @@ impl Live {
                     AppReport {
                         problem: unhealthy.get(name).cloned(),
                         routes: cfg.routes.clone(),
-                        connections: self.router.backend(name).map(|b| {
-                            let pool = b.conns.stats();
-                            ConnectionsReport {
-                                open: pool.open,
-                                idle: pool.idle,
-                                waiting: pool.waiting,
-                                max: pool.limit,
-                                in_flight: b.in_flight(),
-                            }
-                        }),
+                        connections: self.connections(name),
                         status: s,
                     },
                 )

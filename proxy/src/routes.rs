@@ -162,9 +162,7 @@ impl Router {
         let mut caps = self.max_conns.lock().unwrap_or_else(|e| e.into_inner());
         caps.insert(Arc::from(app), max_conns);
         if let Some(backend) = self.backends.load().get(app) {
-            if backend.conns.limit() != max_conns.max(1) {
-                backend.conns.set_limit(max_conns);
-            }
+            backend.conns.set_limit(max_conns);
         }
     }
 

@@ -21,7 +21,7 @@
 
 use std::net::SocketAddr;
 use std::pin::Pin;
-use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::task::{Context, Poll};
 use std::time::{Duration, Instant};
@@ -94,11 +94,10 @@ pub struct ConnPool {
     /// Connections open to the app now, idle or busy (upgraded tunnels leave the count).
     open: Arc<AtomicUsize>,
     /// Requests waiting for a connection because the cap is reached.
-    waiting: AtomicUsize,
-    /// When the journal was last told this pool is at its cap (ms since `created`), so a
-    /// burst is reported once a minute, not once per request.
-    last_at_cap_warning: AtomicU64,
-    created: Instant,
+    waiting: Arc<AtomicUsize>,
+    /// When the journal was last told this pool is at its cap, so a burst is reported once
+    /// a minute, not once per request. Only requests that must wait touch it.
+    last_at_cap_warning: Mutex<Option<Instant>>,
 }
 
 /// A pool's counts at one moment (for metrics and status).
@@ -158,9 +157,8 @@ impl ConnPool {
             in_use: Arc::new(Semaphore::new(max_conns)),
             limit: AtomicUsize::new(max_conns),
             open: Arc::new(AtomicUsize::new(0)),
-            waiting: AtomicUsize::new(0),
-            last_at_cap_warning: AtomicU64::new(u64::MAX),
-            created: Instant::now(),
+            waiting: Arc::new(AtomicUsize::new(0)),
+            last_at_cap_warning: Mutex::new(None),
         }
     }
 
@@ -244,9 +242,8 @@ impl ConnPool {
             Ok(permit) => permit,
             Err(_) => {
                 self.warn_at_cap(addr);
-                self.waiting.fetch_add(1, Ordering::Relaxed);
                 // Counted down however the wait ends (a client that goes away drops it).
-                let _waiting = CountGuard(&self.waiting);
+                let _waiting = Counted::new(&self.waiting);
                 // The semaphore is never closed, so this waits for a free slot and cannot fail.
                 self.in_use.clone().acquire_owned().await.map_err(|_| UpstreamError::PoolClosed)?
             }
@@ -283,10 +280,9 @@ impl ConnPool {
     }
 
     fn warn_at_cap(&self, addr: SocketAddr) {
-        let now = self.created.elapsed().as_millis() as u64;
-        let last = self.last_at_cap_warning.load(Ordering::Relaxed);
-        let due = last == u64::MAX || now.saturating_sub(last) >= AT_CAP_WARNING_EVERY.as_millis() as u64;
-        if due && self.last_at_cap_warning.compare_exchange(last, now, Ordering::Relaxed, Ordering::Relaxed).is_ok() {
+        let mut last = self.last_at_cap_warning.lock().unwrap_or_else(|e| e.into_inner());
+        if last.is_none_or(|at| at.elapsed() >= AT_CAP_WARNING_EVERY) {
+            *last = Some(Instant::now());
             tracing::warn!(
                 upstream = %addr,
                 max_connections = self.limit(),
@@ -351,7 +347,9 @@ impl ConnPool {
 
 async fn connect(addr: SocketAddr, timeout: Duration, open: &Arc<AtomicUsize>) -> Result<Sender, UpstreamError> {
     // Counted from the start, so threads connecting at once see each other's connections.
-    let counted = OpenConnection::count(open);
+    // Counted down when the connection's task ends (closed, or handed over to an upgrade
+    // tunnel) or its connect fails.
+    let counted = Counted::new(open);
     let stream = match tokio::time::timeout(timeout, TcpStream::connect(addr)).await {
         Ok(Ok(s)) => s,
         Ok(Err(source)) => return Err(UpstreamError::Connect { addr, source }),
@@ -374,27 +372,17 @@ async fn connect(addr: SocketAddr, timeout: Duration, open: &Arc<AtomicUsize>) -
     Ok(sender)
 }
 
-/// Decrements `count` when dropped.
-struct CountGuard<'a>(&'a AtomicUsize);
+/// One in a pool's count (of open connections, of waiting requests) until dropped.
+struct Counted(Arc<AtomicUsize>);
 
-impl Drop for CountGuard<'_> {
-    fn drop(&mut self) {
-        self.0.fetch_sub(1, Ordering::Relaxed);
+impl Counted {
+    fn new(count: &Arc<AtomicUsize>) -> Counted {
+        count.fetch_add(1, Ordering::Relaxed);
+        Counted(count.clone())
     }
 }
 
-/// One connection in a pool's count of open connections, until dropped: when the
-/// connection's task ends (closed, or handed over to an upgrade tunnel) or its connect fails.
-struct OpenConnection(Arc<AtomicUsize>);
-
-impl OpenConnection {
-    fn count(open: &Arc<AtomicUsize>) -> OpenConnection {
-        open.fetch_add(1, Ordering::Relaxed);
-        OpenConnection(open.clone())
-    }
-}
-
-impl Drop for OpenConnection {
+impl Drop for Counted {
     fn drop(&mut self) {
         self.0.fetch_sub(1, Ordering::Relaxed);
     }
