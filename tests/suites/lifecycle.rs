@@ -120,6 +120,9 @@ fn health_is_503_until_apps_are_healthy_and_http_redirects_to_https() {
     // :443 serves TLS right away (self-signed) and answers the health path too.
     let (code, _) = curl(&["-k", &format!("https://127.0.0.1:{}/_berth/health", ports.https)]);
     assert_eq!(code, 503);
+    // Docker finishes a create berth asked for even if berth is killed meanwhile; wait for
+    // it, so the TestApp cleanup sees (and removes) the container instead of racing it.
+    wait_for("the app container to exist", Duration::from_secs(30), || (!app.containers(false).is_empty()).then_some(()));
 }
 
 #[test]
