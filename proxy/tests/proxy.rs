@@ -1472,23 +1472,9 @@ async fn many_http2_streams_at_once_each_get_their_own_whole_response() {
 
 /// Established TCP connections to `port` on 127.0.0.1 as seen from their client side (the
 /// proxy's), from the kernel's table: what `ss -tn state established dport = :port` counts.
-fn established_to(port: u16) -> usize {
-    let table = std::fs::read_to_string("/proc/net/tcp").unwrap_or_default();
-    table
-        .lines()
-        .skip(1)
-        .filter(|line| {
-            let fields: Vec<&str> = line.split_whitespace().collect();
-            // fields[2] = remote "0100007F:1F90", fields[3] = state ("01" = ESTABLISHED)
-            fields.len() > 3
-                && fields[3] == "01"
-                && fields[2].rsplit_once(':').and_then(|(_, p)| u16::from_str_radix(p, 16).ok()) == Some(port)
-        })
-        .count()
-}
-
-/// What [`slow_requests`] saw: failed requests, the most app connections open at once, and
-/// how long all took.
+/// What [`slow_requests`] saw: failed requests, the most connections open to the app at
+/// once (the app's own count, in its `x-open-connections` response header), and how long
+/// all took.
 struct CapRun {
     failures: Vec<String>,
     most: usize,
@@ -1496,20 +1482,8 @@ struct CapRun {
 }
 
 /// Sends `requests` concurrent `/sleep?ms=sleep_ms` requests over the clients' HTTP/2
-/// connections (round robin), sampling the proxy's connections to the app every 20 ms.
-async fn slow_requests(clients: &[Client], app_port: u16, requests: usize, sleep_ms: u64) -> CapRun {
-    let stop = Arc::new(AtomicBool::new(false));
-    let sampler = {
-        let stop = stop.clone();
-        tokio::task::spawn_blocking(move || {
-            let mut most = 0;
-            while !stop.load(Ordering::Relaxed) {
-                most = most.max(established_to(app_port));
-                std::thread::sleep(Duration::from_millis(20));
-            }
-            most
-        })
-    };
+/// connections (round robin).
+async fn slow_requests(clients: &[Client], requests: usize, sleep_ms: u64) -> CapRun {
     let started = Instant::now();
     let mut running = tokio::task::JoinSet::new();
     for i in 0..requests {
@@ -1522,22 +1496,22 @@ async fn slow_requests(clients: &[Client], app_port: u16, requests: usize, sleep
             sender.ready().await.map_err(|e| format!("request {i}: {e}"))?;
             let resp = sender.send_request(req).await.map_err(|e| format!("request {i}: {e}"))?;
             let status = resp.status();
+            let open = resp.headers().get("x-open-connections").and_then(|v| v.to_str().ok()?.parse::<usize>().ok());
             resp.into_body().collect().await.map_err(|e| format!("request {i}: {e}"))?;
             if status != StatusCode::OK {
                 return Err(format!("request {i}: status {status}"));
             }
-            Ok(())
+            open.ok_or_else(|| format!("request {i}: no x-open-connections header from the app"))
         });
     }
-    let mut failures = Vec::new();
+    let (mut failures, mut most) = (Vec::new(), 0);
     while let Some(r) = running.join_next().await {
-        if let Err(e) = r.unwrap() {
-            failures.push(e);
+        match r.unwrap() {
+            Ok(open) => most = most.max(open),
+            Err(e) => failures.push(e),
         }
     }
-    let took = started.elapsed();
-    stop.store(true, Ordering::Relaxed);
-    CapRun { failures, most: sampler.await.unwrap(), took }
+    CapRun { failures, most, took: started.elapsed() }
 }
 
 /// An app's own `max_connections` (here 6) holds the same way: 20 slow requests over one
@@ -1553,7 +1527,7 @@ async fn an_apps_own_connection_cap_is_kept() {
     let c = Client::connect(p.https, client_config(&p.cert, &[b"h2"])).await.unwrap();
     assert!(c.is_h2());
 
-    let run = slow_requests(&[c], app.addr.port(), REQUESTS, SLEEP_MS).await;
+    let run = slow_requests(&[c], REQUESTS, SLEEP_MS).await;
     assert!(run.failures.is_empty(), "{} of {REQUESTS} requests failed: {:?}", run.failures.len(), run.failures);
     assert!(run.most <= CAP, "the app saw {} connections from the proxy at once; its cap is {CAP}", run.most);
     assert!(run.most >= CAP - 1, "only {} app connections at once for {REQUESTS} concurrent requests", run.most);
@@ -1585,7 +1559,7 @@ async fn requests_past_the_per_app_connection_cap_wait_for_a_free_connection() {
         clients.push(c);
     }
 
-    let run = slow_requests(&clients, app.addr.port(), REQUESTS, SLEEP_MS).await;
+    let run = slow_requests(&clients, REQUESTS, SLEEP_MS).await;
     let (failures, most, took) = (run.failures, run.most, run.took);
 
     assert!(failures.is_empty(), "{} of {REQUESTS} requests failed: {failures:?}", failures.len());

@@ -8,6 +8,7 @@ use std::collections::BTreeMap;
 use std::env;
 use std::io::{self, Read, Write};
 use std::net::{Shutdown, SocketAddr, TcpListener, TcpStream};
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::OnceLock;
 use std::thread;
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
@@ -23,6 +24,25 @@ const MAX_HEADERS: usize = 128;
 static START: OnceLock<Instant> = OnceLock::new();
 static HOSTNAME: OnceLock<String> = OnceLock::new();
 static VERSION: OnceLock<String> = OnceLock::new();
+/// Connections open to this app now, counted here rather than read from `/proc/net/tcp`:
+/// that file is not a snapshot, and while sockets come and go a read lists some twice.
+static OPEN_CONNECTIONS: AtomicUsize = AtomicUsize::new(0);
+
+/// One in [`OPEN_CONNECTIONS`] for as long as its connection's thread runs.
+struct OpenConnection;
+
+impl OpenConnection {
+    fn new() -> Self {
+        OPEN_CONNECTIONS.fetch_add(1, Ordering::SeqCst);
+        OpenConnection
+    }
+}
+
+impl Drop for OpenConnection {
+    fn drop(&mut self) {
+        OPEN_CONNECTIONS.fetch_sub(1, Ordering::SeqCst);
+    }
+}
 
 fn version() -> &'static str {
     VERSION.get_or_init(|| env::var("VERSION").unwrap_or_else(|_| "v1".to_string()))
@@ -383,6 +403,7 @@ fn reason(status: u16) -> &'static str {
 }
 
 fn handle_connection(stream: TcpStream, peer: SocketAddr) {
+    let _open = OpenConnection::new();
     let _ = stream.set_nodelay(true);
     let mut conn = Conn { stream, buf: vec![0u8; BUF_SIZE], pos: 0, len: 0 };
     loop {
@@ -513,8 +534,13 @@ fn route(head: &Head, body_len: u64, peer: SocketAddr) -> Response {
             Ok(Response::json(&map))
         }
         "/sleep" => parse_num::<u64>(head, "ms", 0).map(|ms| {
+            // Read when the request arrives, so a proxy's connection cap can be checked from
+            // the responses: at most that many connections are open while any request waits.
+            let open = OPEN_CONNECTIONS.load(Ordering::SeqCst);
             thread::sleep(Duration::from_millis(ms));
-            Response::text(200, format!("slept {ms}"))
+            let mut r = Response::text(200, format!("slept {ms}"));
+            r.extra.push(("x-open-connections", open.to_string()));
+            r
         }),
         "/exit" => parse_num::<i32>(head, "code", 0).map(|code| {
             let mut r = Response::text(200, format!("exiting {code}"));
