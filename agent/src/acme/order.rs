@@ -88,6 +88,21 @@ fn kind_of_problem(t: Option<&str>) -> FailureKind {
     }
 }
 
+/// Did a newOrder naming the certificate it replaces fail over that name, so that the same
+/// order without it may succeed?
+fn refused_replaces(e: &instant_acme::Error) -> bool {
+    match e {
+        // Refused outright: another order already replaced that certificate, say.
+        instant_acme::Error::Api(p) => kind_of_problem(p.r#type.as_deref()) == FailureKind::Transient,
+        // Created, but without the field: a CA that offers `renewalInfo` yet ignores
+        // `replaces` (Pebble 2.4 does). instant-acme rejects such an order, and says so only
+        // in this message; without this, every renewal would fail the same way until the
+        // certificate expired. The order left behind expires unused at the CA.
+        instant_acme::Error::Other(e) => e.to_string().starts_with("replaces field mismatch"),
+        _ => false,
+    }
+}
+
 /// An error with its sources, on one line: hyper's "client error (Connect)" alone says nothing.
 pub(crate) fn error_chain(e: &(dyn std::error::Error + 'static)) -> String {
     let mut s = e.to_string();
@@ -135,10 +150,10 @@ pub(crate) async fn order(
     tracing::info!(domain = %label, replaces = replaces.unwrap_or(""), "placing ACME order");
     let mut order = match account.new_order(&new_order).await {
         Ok(o) => o,
-        // A CA may refuse `replaces` (already replaced by another order, say); the
-        // certificate still has to be renewed, so ask again without it.
-        Err(instant_acme::Error::Api(p)) if replaces_id.is_some() && kind_of_problem(p.r#type.as_deref()) == FailureKind::Transient => {
-            tracing::warn!(domain = %label, problem = %p, "the CA refused the ARI `replaces` field; ordering without it");
+        // The certificate still has to be renewed whatever the CA made of `replaces`, so ask
+        // again without it.
+        Err(e) if replaces_id.is_some() && refused_replaces(&e) => {
+            tracing::warn!(domain = %label, error = %e, "the CA did not take the ARI `replaces` field; ordering without it");
             account
                 .new_order(&NewOrder::new(&identifiers))
                 .await

@@ -26,6 +26,8 @@ use tokio_util::sync::CancellationToken;
 use super::*;
 use crate::config::{AcmeConfig, TlsConfig, TlsMode};
 
+mod ari;
+
 /// pebble-challtestsrv's DNS, started by `scripts/testenv up`.
 const TEST_DNS: &str = "127.0.0.1:8053";
 
