@@ -1470,8 +1470,6 @@ async fn many_http2_streams_at_once_each_get_their_own_whole_response() {
     drop(app);
 }
 
-/// Established TCP connections to `port` on 127.0.0.1 as seen from their client side (the
-/// proxy's), from the kernel's table: what `ss -tn state established dport = :port` counts.
 /// What [`slow_requests`] saw: failed requests, the most connections open to the app at
 /// once (the app's own count, in its `x-open-connections` response header), and how long
 /// all took.
