@@ -17,7 +17,9 @@
 //! one: an HTTP/2 client multiplexing hundreds of streams cannot make us open hundreds of
 //! sockets. Idle connections are kept per thread, so a thread that finds none of its own
 //! could still open one while other threads' sit idle; open connections are therefore
-//! counted too, and at the cap a request takes an idle connection from any thread.
+//! counted too (a connection is reserved before it is opened, and counts until its socket is
+//! closed), and at the cap a request takes an idle connection from any thread, or waits for
+//! one being closed to go.
 
 use std::net::SocketAddr;
 use std::pin::Pin;
@@ -32,7 +34,7 @@ use hyper::body::{Body as HttpBody, Frame, Incoming, SizeHint};
 use hyper::client::conn::http1;
 use hyper_util::rt::TokioIo;
 use tokio::net::TcpStream;
-use tokio::sync::{OwnedSemaphorePermit, Semaphore};
+use tokio::sync::{Notify, OwnedSemaphorePermit, Semaphore};
 
 /// Connections to one container at most unless the app sets its own cap, idle or carrying a
 /// request (so also requests in flight; WebSocket tunnels aside).
@@ -98,6 +100,34 @@ pub struct ConnPool {
     /// When the journal was last told this pool is at its cap, so a burst is reported once
     /// a minute, not once per request. Only requests that must wait touch it.
     last_at_cap_warning: Mutex<Option<Instant>>,
+    /// For a request that may start but finds the cap's worth of connections open and none
+    /// idle (the others are being closed): woken when one goes idle or is closed.
+    freed: Arc<Freed>,
+}
+
+/// A wakeup for requests waiting on a connection to go idle or be closed. Those who make one
+/// free look at `waiters` first, so the common case (nobody waits) costs a read.
+#[derive(Debug, Default)]
+struct Freed {
+    notify: Notify,
+    waiters: Arc<AtomicUsize>,
+}
+
+impl Freed {
+    /// Called after a connection went idle or closed. SeqCst pairs with [`ConnPool::wait_for_one`]:
+    /// either this sees the waiter, or the waiter's second look sees what was freed.
+    fn wake(&self) {
+        if self.waiters.load(Ordering::SeqCst) > 0 {
+            self.notify.notify_waiters();
+        }
+    }
+}
+
+/// Where a request's connection comes from.
+enum Ready {
+    Idle(Sender),
+    /// A new one, its place under the cap taken already.
+    Open(OpenPlace),
 }
 
 /// A pool's counts at one moment (for metrics and status).
@@ -159,6 +189,7 @@ impl ConnPool {
             open: Arc::new(AtomicUsize::new(0)),
             waiting: Arc::new(AtomicUsize::new(0)),
             last_at_cap_warning: Mutex::new(None),
+            freed: Arc::default(),
         }
     }
 
@@ -188,6 +219,7 @@ impl ConnPool {
         let old = self.limit.swap(max_conns, Ordering::Relaxed);
         if max_conns > old {
             self.in_use.add_permits(max_conns - old);
+            self.freed.wake();
         } else if max_conns < old {
             let excess = (old - max_conns) as u32;
             // Permits free now are withdrawn now; the rest as the requests holding them end.
@@ -250,7 +282,27 @@ impl ConnPool {
         };
         let mut replay = replayable_head(&req);
         let mut req = req.map(UpstreamBody::Client);
-        while let Some(mut sender) = self.checkout(timeouts.idle) {
+        // After a kept-alive connection failed, the replay goes on a new one: the app may
+        // have closed all of its idle ones at once (its keep-alive timeout).
+        let mut fresh_only = false;
+        loop {
+            let ready = match self.next_connection(timeouts.idle, fresh_only) {
+                Some(ready) => ready,
+                None => self.wait_for_one(timeouts.idle, fresh_only).await,
+            };
+            let mut sender = match ready {
+                Ready::Idle(sender) => sender,
+                Ready::Open(place) => {
+                    // Boxed: connecting is the cold path, and its future is large; unboxed it
+                    // would make every request's future (which hyper moves into a task per
+                    // HTTP/2 stream) as large.
+                    let mut sender = Box::pin(connect(addr, timeouts.connect, place)).await?;
+                    return match sender.send_request(req).await {
+                        Ok(resp) => Ok(self.wrap(resp, sender, permit, upgrade)),
+                        Err(source) => Err(UpstreamError::Request { source }),
+                    };
+                }
+            };
             if sender.ready().await.is_err() {
                 continue; // the app closed it while it sat idle
             }
@@ -266,16 +318,64 @@ impl ConnPool {
                     };
                     tracing::debug!(upstream = %addr, error = %e.error(), "kept-alive connection failed; sending the idempotent request again");
                     req = Request::from_parts(head, UpstreamBody::Empty);
-                    break;
+                    fresh_only = true;
                 }
             }
         }
-        // Boxed: connecting is the cold path, and its future is large; unboxed it would make
-        // every request's future (which hyper moves into a task per HTTP/2 stream) as large.
-        let mut sender = Box::pin(connect(addr, timeouts.connect, &self.open)).await?;
-        match sender.send_request(req).await {
-            Ok(resp) => Ok(self.wrap(resp, sender, permit, upgrade)),
-            Err(source) => Err(UpstreamError::Request { source }),
+    }
+
+    /// This thread's most recently used idle connection (its socket is the likeliest to be
+    /// warm and still open); else a new one while fewer than the cap are open; else any
+    /// thread's idle connection; else `None`: the cap's worth are open and busy or being
+    /// closed. Connections idle past `idle_timeout` are closed on the way. `fresh_only`
+    /// wants a new connection: at the cap, an idle one is closed to make room.
+    fn next_connection(&self, idle_timeout: Duration, fresh_only: bool) -> Option<Ready> {
+        let local = local_slot();
+        if !fresh_only {
+            if let Some(sender) = self.take_idle(local, idle_timeout) {
+                return Some(Ready::Idle(sender));
+            }
+        }
+        if let Some(place) = self.reserve_open() {
+            return Some(Ready::Open(place));
+        }
+        let any_idle = (0..self.idle.len())
+            .map(|i| (local + i) % self.idle.len())
+            .find_map(|slot| self.take_idle(slot, idle_timeout));
+        match any_idle {
+            Some(sender) if !fresh_only => Some(Ready::Idle(sender)),
+            // Dropped: its task closes it and frees its place, which this request then takes.
+            _ => None,
+        }
+    }
+
+    /// Counts a connection about to be opened, unless the cap's worth are open already. One
+    /// atomic step, so threads connecting at once cannot both take the last place.
+    fn reserve_open(&self) -> Option<OpenPlace> {
+        let limit = self.limit();
+        self.open
+            .fetch_update(Ordering::SeqCst, Ordering::SeqCst, |n| (n < limit).then_some(n + 1))
+            .ok()
+            .map(|_| OpenPlace {
+                open: self.open.clone(),
+                freed: self.freed.clone(),
+            })
+    }
+
+    /// Waits until [`Self::next_connection`] has one: a connection went idle, or one being
+    /// closed is gone. Rare (the cap's worth are open, and some of them closing), so the
+    /// registration stays off the common path.
+    async fn wait_for_one(&self, idle_timeout: Duration, fresh_only: bool) -> Ready {
+        let _waiter = Counted::new(&self.freed.waiters);
+        loop {
+            let notified = self.freed.notify.notified();
+            tokio::pin!(notified);
+            // Registered before looking again, so a wakeup in between is not lost.
+            notified.as_mut().enable();
+            match self.next_connection(idle_timeout, fresh_only) {
+                Some(ready) => return ready,
+                None => notified.await,
+            }
         }
     }
 
@@ -289,21 +389,6 @@ impl ConnPool {
                 "every connection to the app is busy; requests wait for one to come free (raise the app's max_connections if it can serve more at once)"
             );
         }
-    }
-
-    /// This thread's most recently used idle connection (its socket is the likeliest to be
-    /// warm and still open). With as many connections open as the cap allows, any thread's
-    /// idle connection: a new one would go over the cap. Connections idle past
-    /// `idle_timeout` are closed on the way.
-    fn checkout(&self, idle_timeout: Duration) -> Option<Sender> {
-        let local = local_slot();
-        if let Some(sender) = self.take_idle(local, idle_timeout) {
-            return Some(sender);
-        }
-        if self.open.load(Ordering::Relaxed) < self.limit() {
-            return None;
-        }
-        (0..self.idle.len()).filter(|&slot| slot != local).find_map(|slot| self.take_idle(slot, idle_timeout))
     }
 
     fn take_idle(&self, slot: usize, idle_timeout: Duration) -> Option<Sender> {
@@ -323,6 +408,7 @@ impl ConnPool {
         if let Ok(mut idle) = self.idle[local_slot()].lock() {
             idle.push(Idle { sender, since: Instant::now() });
         }
+        self.freed.wake();
     }
 
     fn wrap(
@@ -345,11 +431,9 @@ impl ConnPool {
     }
 }
 
-async fn connect(addr: SocketAddr, timeout: Duration, open: &Arc<AtomicUsize>) -> Result<Sender, UpstreamError> {
-    // Counted from the start, so threads connecting at once see each other's connections.
-    // Counted down when the connection's task ends (closed, or handed over to an upgrade
-    // tunnel) or its connect fails.
-    let counted = Counted::new(open);
+/// Opens a connection in `place`, which it keeps until its socket is closed (or handed over
+/// to an upgrade tunnel), or its connect fails.
+async fn connect(addr: SocketAddr, timeout: Duration, place: OpenPlace) -> Result<Sender, UpstreamError> {
     let stream = match tokio::time::timeout(timeout, TcpStream::connect(addr)).await {
         Ok(Ok(s)) => s,
         Ok(Err(source)) => return Err(UpstreamError::Connect { addr, source }),
@@ -364,27 +448,44 @@ async fn connect(addr: SocketAddr, timeout: Duration, open: &Arc<AtomicUsize>) -
     // The connection runs in its own task until the app or we close it; `with_upgrades`
     // lets a 101 response hand the socket over to a WebSocket tunnel.
     tokio::spawn(async move {
-        let _counted = counted;
         if let Err(e) = conn.with_upgrades().await {
             tracing::debug!(upstream = %addr, error = %e, "app connection closed with an error");
         }
+        // The socket is closed (or a tunnel's now): its place under the cap is free.
+        drop(place);
     });
     Ok(sender)
 }
 
-/// One in a pool's count (of open connections, of waiting requests) until dropped.
+/// One connection's place under the cap, from just before it is opened until its socket is
+/// closed; then a request waiting for a place hears of it.
+struct OpenPlace {
+    open: Arc<AtomicUsize>,
+    freed: Arc<Freed>,
+}
+
+impl Drop for OpenPlace {
+    fn drop(&mut self) {
+        self.open.fetch_sub(1, Ordering::SeqCst);
+        self.freed.wake();
+    }
+}
+
+/// One in a pool's count (of waiting requests, of requests waiting for a place) until dropped.
+/// Only requests that wait make one, so SeqCst (which [`Freed::wake`] relies on) costs
+/// nothing on the common path.
 struct Counted(Arc<AtomicUsize>);
 
 impl Counted {
     fn new(count: &Arc<AtomicUsize>) -> Counted {
-        count.fetch_add(1, Ordering::Relaxed);
+        count.fetch_add(1, Ordering::SeqCst);
         Counted(count.clone())
     }
 }
 
 impl Drop for Counted {
     fn drop(&mut self) {
-        self.0.fetch_sub(1, Ordering::Relaxed);
+        self.0.fetch_sub(1, Ordering::SeqCst);
     }
 }
 
@@ -488,6 +589,79 @@ impl HttpBody for UpstreamBody {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use http_body_util::BodyExt;
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+
+    /// A keep-alive app on a free port: `200 ok` to every request, and `204` with no body to
+    /// `/empty`.
+    async fn app() -> SocketAddr {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        tokio::spawn(async move {
+            while let Ok((mut s, _)) = listener.accept().await {
+                tokio::spawn(async move {
+                    let mut buf = Vec::new();
+                    let mut chunk = [0u8; 1024];
+                    while let Ok(n @ 1..) = s.read(&mut chunk).await {
+                        buf.extend_from_slice(&chunk[..n]);
+                        while let Some(end) = buf.windows(4).position(|w| w == b"\r\n\r\n") {
+                            let head = String::from_utf8_lossy(&buf[..end]).into_owned();
+                            buf.drain(..end + 4);
+                            let answer: &[u8] = if head.starts_with("GET /empty ") {
+                                b"HTTP/1.1 204 No Content\r\n\r\n"
+                            } else {
+                                b"HTTP/1.1 200 OK\r\ncontent-length: 2\r\n\r\nok"
+                            };
+                            if s.write_all(answer).await.is_err() {
+                                return;
+                            }
+                        }
+                    }
+                });
+            }
+        });
+        addr
+    }
+
+    /// A request for `app` as the proxy hands one to the pool. Its body is an empty
+    /// [`Incoming`], which only hyper can make: taken from a bodiless answer of the app.
+    async fn request(app: SocketAddr) -> Request<Incoming> {
+        let stream = TcpStream::connect(app).await.unwrap();
+        let (mut sender, conn) = http1::handshake(TokioIo::new(stream)).await.unwrap();
+        tokio::spawn(conn);
+        let empty = Request::get("/empty").header("host", "app").body(http_body_util::Empty::<Bytes>::new()).unwrap();
+        let body = sender.send_request(empty).await.unwrap().into_body();
+        assert!(body.is_end_stream());
+        Request::get("/").header("host", "app").body(body).unwrap()
+    }
+
+    /// The cap holds for connections berth is closing too: one dropped for sitting idle too
+    /// long is still open until its task has closed it, so its replacement waits for that
+    /// instead of making the cap's worth plus one.
+    #[tokio::test]
+    async fn a_connection_being_closed_still_counts_until_it_is() {
+        let app = app().await;
+        let pool = Arc::new(ConnPool::new(1));
+        let keep = PoolTimeouts { connect: Duration::from_secs(5), idle: Duration::from_secs(60) };
+        let resp = pool.send(app, request(app).await, keep, false).await.unwrap();
+        assert_eq!(resp.into_body().collect().await.unwrap().to_bytes(), "ok");
+        assert_eq!((pool.stats().open, pool.stats().idle), (1, 1));
+
+        // Idle past a zero idle timeout: the next request drops that connection and needs a
+        // new one. Polled once, so the dropped connection's task has not run yet.
+        let expire = PoolTimeouts { idle: Duration::ZERO, ..keep };
+        let mut next = Box::pin(pool.send(app, request(app).await, expire, false));
+        tokio::select! {
+            biased;
+            _ = &mut next => panic!("answered before the old connection could close"),
+            () = std::future::ready(()) => {}
+        }
+        assert!(pool.stats().open <= 1, "{} connections open to the app; the cap is 1", pool.stats().open);
+
+        let resp = next.await.unwrap();
+        assert_eq!(resp.into_body().collect().await.unwrap().to_bytes(), "ok");
+        assert_eq!(pool.stats().open, 1);
+    }
 
     #[tokio::test]
     async fn lowering_the_cap_waits_for_busy_connections_and_raising_it_frees_at_once() {
