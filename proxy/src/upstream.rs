@@ -123,6 +123,22 @@ impl Freed {
     }
 }
 
+/// Which connection a request takes.
+#[derive(Clone, Copy, PartialEq, Eq, Debug)]
+enum Want {
+    /// This thread's idle one, else a new one under the cap, else any thread's idle one.
+    Any,
+    /// A new one: the request is sent again after a kept-alive connection failed, and the
+    /// app may have closed all of its idle ones at once (its keep-alive timeout). At the cap,
+    /// one idle connection is closed to make room.
+    Fresh,
+    /// A new one, room made already: waits for the place rather than close another.
+    FreshRoomMade,
+    /// Woken while waiting for that place: a new one if there is room, else any idle one
+    /// (the top of a list is the most recently checked in, likely the one that woke it).
+    FreshOrIdle,
+}
+
 /// Where a request's connection comes from.
 enum Ready {
     Idle(Sender),
@@ -282,13 +298,11 @@ impl ConnPool {
         };
         let mut replay = replayable_head(&req);
         let mut req = req.map(UpstreamBody::Client);
-        // After a kept-alive connection failed, the replay goes on a new one: the app may
-        // have closed all of its idle ones at once (its keep-alive timeout).
-        let mut fresh_only = false;
+        let mut want = Want::Any;
         loop {
-            let ready = match self.next_connection(timeouts.idle, fresh_only) {
+            let ready = match self.next_connection(timeouts.idle, &mut want) {
                 Some(ready) => ready,
-                None => self.wait_for_one(timeouts.idle, fresh_only).await,
+                None => self.wait_for_one(timeouts.idle, &mut want).await,
             };
             let mut sender = match ready {
                 Ready::Idle(sender) => sender,
@@ -318,20 +332,19 @@ impl ConnPool {
                     };
                     tracing::debug!(upstream = %addr, error = %e.error(), "kept-alive connection failed; sending the idempotent request again");
                     req = Request::from_parts(head, UpstreamBody::Empty);
-                    fresh_only = true;
+                    want = Want::Fresh;
                 }
             }
         }
     }
 
-    /// This thread's most recently used idle connection (its socket is the likeliest to be
-    /// warm and still open); else a new one while fewer than the cap are open; else any
-    /// thread's idle connection; else `None`: the cap's worth are open and busy or being
-    /// closed. Connections idle past `idle_timeout` are closed on the way. `fresh_only`
-    /// wants a new connection: at the cap, an idle one is closed to make room.
-    fn next_connection(&self, idle_timeout: Duration, fresh_only: bool) -> Option<Ready> {
+    /// The connection `want` asks for, or `None`: the cap's worth are open and busy or being
+    /// closed. This thread's most recently used idle connection comes first (its socket is
+    /// the likeliest to be warm and still open), as its task runs on this thread. Connections
+    /// idle past `idle_timeout` are closed on the way.
+    fn next_connection(&self, idle_timeout: Duration, want: &mut Want) -> Option<Ready> {
         let local = local_slot();
-        if !fresh_only {
+        if *want == Want::Any {
             if let Some(sender) = self.take_idle(local, idle_timeout) {
                 return Some(Ready::Idle(sender));
             }
@@ -339,13 +352,21 @@ impl ConnPool {
         if let Some(place) = self.reserve_open() {
             return Some(Ready::Open(place));
         }
+        if *want == Want::FreshRoomMade {
+            return None;
+        }
         let any_idle = (0..self.idle.len())
             .map(|i| (local + i) % self.idle.len())
             .find_map(|slot| self.take_idle(slot, idle_timeout));
-        match any_idle {
-            Some(sender) if !fresh_only => Some(Ready::Idle(sender)),
-            // Dropped: its task closes it and frees its place, which this request then takes.
-            _ => None,
+        match (any_idle, *want) {
+            (Some(sender), Want::Any | Want::FreshOrIdle) => Some(Ready::Idle(sender)),
+            (Some(sender), _) => {
+                // Closed by its task once dropped, which frees the place this request waits for.
+                drop(sender);
+                *want = Want::FreshRoomMade;
+                None
+            }
+            (None, _) => None,
         }
     }
 
@@ -364,17 +385,21 @@ impl ConnPool {
 
     /// Waits until [`Self::next_connection`] has one: a connection went idle, or one being
     /// closed is gone. Rare (the cap's worth are open, and some of them closing), so the
-    /// registration stays off the common path.
-    async fn wait_for_one(&self, idle_timeout: Duration, fresh_only: bool) -> Ready {
+    /// registration stays off the common path. Counted with the requests waiting at the cap.
+    async fn wait_for_one(&self, idle_timeout: Duration, want: &mut Want) -> Ready {
+        let _waiting = Counted::new(&self.waiting);
         let _waiter = Counted::new(&self.freed.waiters);
         loop {
             let notified = self.freed.notify.notified();
             tokio::pin!(notified);
             // Registered before looking again, so a wakeup in between is not lost.
             notified.as_mut().enable();
-            match self.next_connection(idle_timeout, fresh_only) {
-                Some(ready) => return ready,
-                None => notified.await,
+            if let Some(ready) = self.next_connection(idle_timeout, want) {
+                return ready;
+            }
+            notified.await;
+            if *want == Want::FreshRoomMade {
+                *want = Want::FreshOrIdle;
             }
         }
     }
@@ -661,6 +686,39 @@ mod tests {
         let resp = next.await.unwrap();
         assert_eq!(resp.into_body().collect().await.unwrap().to_bytes(), "ok");
         assert_eq!(pool.stats().open, 1);
+    }
+
+    /// A request sent again on a new connection at the cap closes one idle connection to
+    /// make room, and waits for that one to close rather than closing more.
+    #[tokio::test]
+    async fn a_retry_at_the_cap_closes_one_idle_connection_not_more() {
+        let app = app().await;
+        let pool = Arc::new(ConnPool::new(3));
+        let keep = PoolTimeouts { connect: Duration::from_secs(5), idle: Duration::from_secs(60) };
+        let (a, b, c) = tokio::join!(
+            pool.send(app, request(app).await, keep, false),
+            pool.send(app, request(app).await, keep, false),
+            pool.send(app, request(app).await, keep, false),
+        );
+        for resp in [a, b, c] {
+            resp.unwrap().into_body().collect().await.unwrap();
+        }
+        assert_eq!((pool.stats().open, pool.stats().idle), (3, 3));
+
+        let mut want = Want::Fresh;
+        assert!(pool.next_connection(keep.idle, &mut want).is_none(), "no place at the cap");
+        assert_eq!(want, Want::FreshRoomMade);
+        assert_eq!(pool.stats().idle, 2, "one idle connection closed to make room");
+        let mut wait = Box::pin(pool.wait_for_one(keep.idle, &mut want));
+        tokio::select! {
+            biased;
+            _ = &mut wait => panic!("a place before the closed connection's task ran"),
+            () = std::future::ready(()) => {}
+        }
+        assert_eq!(pool.stats().idle, 2, "no second idle connection closed while the first closes");
+        let ready = wait.await;
+        assert!(matches!(ready, Ready::Open(_)), "the freed place, for a new connection");
+        assert_eq!((pool.stats().open, pool.stats().idle), (3, 2), "the new one in the closed one's place");
     }
 
     #[tokio::test]
