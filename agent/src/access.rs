@@ -28,11 +28,7 @@ pub fn policy(cfg: &AccessConfig, secrets: &SecretSet) -> (AccessPolicy, Vec<Str
         }
     };
     let api_keys = cfg.api_keys.iter().filter_map(|n| value(n)).collect();
-    let basic = cfg
-        .basic_auth
-        .iter()
-        .filter_map(|(user, n)| value(n).map(|p| (user.clone(), p)))
-        .collect();
+    let basic = cfg.basic_auth.iter().filter_map(|(user, n)| value(n).map(|p| (user.clone(), p))).collect();
     let policy = AccessPolicy {
         allow: cfg.allow.iter().filter_map(|n| parse_net(n)).collect(),
         trusted_proxies: cfg.trusted_proxies.iter().filter_map(|n| parse_net(n)).collect(),

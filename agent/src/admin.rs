@@ -77,7 +77,8 @@ pub async fn serve(path: PathBuf, live: Arc<Live>, shutdown: CancellationToken) 
 
 fn set_mode(path: &Path, mode: u32) -> anyhow::Result<()> {
     use std::os::unix::fs::PermissionsExt;
-    std::fs::set_permissions(path, std::fs::Permissions::from_mode(mode)).with_context(|| format!("chmod {}", path.display()))
+    std::fs::set_permissions(path, std::fs::Permissions::from_mode(mode))
+        .with_context(|| format!("chmod {}", path.display()))
 }
 
 async fn handle(stream: UnixStream, live: Arc<Live>) -> anyhow::Result<()> {
@@ -96,11 +97,7 @@ async fn handle(stream: UnixStream, live: Arc<Live>) -> anyhow::Result<()> {
 
 async fn answer(req: Request, live: &Live) -> Response {
     match req {
-        Request::Status => Response {
-            ok: true,
-            message: live.status_line(),
-            status: Some(live.report()),
-        },
+        Request::Status => Response { ok: true, message: live.status_line(), status: Some(live.report()) },
         Request::Deploy { app, image } => deploy(live, app, image).await,
         Request::Renew { domain } => renew(live, domain).await,
     }

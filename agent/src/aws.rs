@@ -29,11 +29,7 @@ const MAX_SDK_BACKOFF: Duration = Duration::from_secs(10);
 /// throttle, this instance slows itself down instead of retrying at full speed.
 pub async fn sdk_config(aws: &AwsConfig) -> SdkConfig {
     let mut loader = aws_config::defaults(BehaviorVersion::latest())
-        .retry_config(
-            RetryConfig::adaptive()
-                .with_max_attempts(MAX_ATTEMPTS)
-                .with_max_backoff(MAX_SDK_BACKOFF),
-        )
+        .retry_config(RetryConfig::adaptive().with_max_attempts(MAX_ATTEMPTS).with_max_backoff(MAX_SDK_BACKOFF))
         .timeout_config(
             TimeoutConfig::builder()
                 .connect_timeout(CONNECT_TIMEOUT)

@@ -18,11 +18,7 @@ pub struct Backoff {
 
 impl Backoff {
     pub fn new(initial: Duration, max: Duration) -> Self {
-        Backoff {
-            initial: initial.max(Duration::from_millis(1)),
-            max: max.max(initial),
-            failures: 0,
-        }
+        Backoff { initial: initial.max(Duration::from_millis(1)), max: max.max(initial), failures: 0 }
     }
 
     /// The delay before the next attempt; each call counts one more failure.

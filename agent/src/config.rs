@@ -41,10 +41,7 @@ pub enum ConfigError {
         source: std::io::Error,
     },
     #[error("{}", render_problems(.path, .problems))]
-    Invalid {
-        path: PathBuf,
-        problems: Vec<Problem>,
-    },
+    Invalid { path: PathBuf, problems: Vec<Problem> },
 }
 
 fn render_problems(path: &Path, problems: &[Problem]) -> String {
@@ -134,12 +131,7 @@ pub struct SecretsConfig {
 
 impl Default for SecretsConfig {
     fn default() -> Self {
-        Self {
-            path: None,
-            parameters: Vec::new(),
-            refresh_interval: Dur::secs(300),
-            on_change: OnChange::Redeploy,
-        }
+        Self { path: None, parameters: Vec::new(), refresh_interval: Dur::secs(300), on_change: OnChange::Redeploy }
     }
 }
 
@@ -189,9 +181,7 @@ pub struct HttpsConfig {
 
 impl Default for HttpsConfig {
     fn default() -> Self {
-        Self {
-            listen: "0.0.0.0:443".into(),
-        }
+        Self { listen: "0.0.0.0:443".into() }
     }
 }
 
@@ -408,10 +398,7 @@ impl<'de> Deserialize<'de> for RegistryAuth {
             }
             fn visit_map<A: MapAccess<'de>>(self, map: A) -> Result<Self::Value, A::Error> {
                 let b = Basic::deserialize(de::value::MapAccessDeserializer::new(map))?;
-                Ok(RegistryAuth::Basic {
-                    username: b.username,
-                    password: b.password,
-                })
+                Ok(RegistryAuth::Basic { username: b.username, password: b.password })
             }
         }
         d.deserialize_any(V)
@@ -452,10 +439,7 @@ pub struct RestartConfig {
 
 impl Default for RestartConfig {
     fn default() -> Self {
-        Self {
-            initial_backoff: Dur::secs(1),
-            max_backoff: Dur::secs(60),
-        }
+        Self { initial_backoff: Dur::secs(1), max_backoff: Dur::secs(60) }
     }
 }
 
@@ -491,9 +475,9 @@ impl<'de> Deserialize<'de> for Dur {
                 f.write_str(r#"a duration string like "500ms", "30s" or "5m""#)
             }
             fn visit_str<E: de::Error>(self, v: &str) -> Result<Dur, E> {
-                humantime::parse_duration(v.trim())
-                    .map(Dur)
-                    .map_err(|e| E::custom(format!("invalid duration {v:?}: {e} (write e.g. \"500ms\", \"30s\", \"5m\")")))
+                humantime::parse_duration(v.trim()).map(Dur).map_err(|e| {
+                    E::custom(format!("invalid duration {v:?}: {e} (write e.g. \"500ms\", \"30s\", \"5m\")"))
+                })
             }
         }
         d.deserialize_str(V)
@@ -507,14 +491,9 @@ impl<'de> Deserialize<'de> for Dur {
 impl Config {
     /// Reads, parses and validates the file. Any problem is a [`ConfigError`].
     pub fn load(path: &Path) -> Result<Config, ConfigError> {
-        let src = std::fs::read_to_string(path).map_err(|source| ConfigError::Read {
-            path: path.to_owned(),
-            source,
-        })?;
-        Config::parse(&src).map_err(|problems| ConfigError::Invalid {
-            path: path.to_owned(),
-            problems,
-        })
+        let src =
+            std::fs::read_to_string(path).map_err(|source| ConfigError::Read { path: path.to_owned(), source })?;
+        Config::parse(&src).map_err(|problems| ConfigError::Invalid { path: path.to_owned(), problems })
     }
 
     /// Parses and validates TOML text; on failure, every problem found, located.
@@ -525,15 +504,8 @@ impl Config {
             let key = e.path().to_string();
             let key = if key == "." { String::new() } else { key };
             let inner = e.into_inner();
-            let position = inner
-                .span()
-                .map(|s| locator.line_col(s.start))
-                .or_else(|| locator.position_of(&key));
-            vec![Problem {
-                key,
-                position,
-                message: inner.message().trim().to_string(),
-            }]
+            let position = inner.span().map(|s| locator.line_col(s.start)).or_else(|| locator.position_of(&key));
+            vec![Problem { key, position, message: inner.message().trim().to_string() }]
         })?;
         let problems = config.validate();
         if problems.is_empty() {
@@ -541,11 +513,7 @@ impl Config {
         } else {
             Err(problems
                 .into_iter()
-                .map(|(key, message)| Problem {
-                    position: locator.position_of(&key),
-                    key,
-                    message,
-                })
+                .map(|(key, message)| Problem { position: locator.position_of(&key), key, message })
                 .collect())
         }
     }
@@ -572,8 +540,8 @@ impl Config {
             }
         }
         if let Some(region) = &self.aws.region {
-            let ok = !region.is_empty()
-                && region.chars().all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || c == '-');
+            let ok =
+                !region.is_empty() && region.chars().all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || c == '-');
             if !ok {
                 v.err("aws.region", format!("{region:?} is not a region name like \"us-east-1\""));
             }
@@ -589,10 +557,7 @@ impl Config {
         // an absurd value would overflow the refresh loop's time arithmetic.
         let refresh = self.secrets.refresh_interval;
         if !refresh.is_zero() && !(MIN_REFRESH_INTERVAL..=MAX_REFRESH_INTERVAL).contains(&refresh.0) {
-            v.err(
-                "secrets.refresh_interval",
-                format!("{refresh} must be \"0s\" (fetch once) or between 1s and 7days"),
-            );
+            v.err("secrets.refresh_interval", format!("{refresh} must be \"0s\" (fetch once) or between 1s and 7days"));
         }
         let mut from_parameters: BTreeMap<String, (usize, &str)> = BTreeMap::new();
         for (i, name) in self.secrets.parameters.iter().enumerate() {
@@ -645,7 +610,10 @@ impl Config {
                 }
                 for (i, c) in acme.contact.iter().enumerate() {
                     if !c.starts_with("mailto:") || c.len() <= "mailto:".len() {
-                        v.err(format!("tls.acme.contact[{i}]"), format!("{c:?} must look like \"mailto:ops@example.com\""));
+                        v.err(
+                            format!("tls.acme.contact[{i}]"),
+                            format!("{c:?} must look like \"mailto:ops@example.com\""),
+                        );
                     }
                 }
                 if let Some(shared) = &acme.shared {
@@ -668,8 +636,13 @@ impl Config {
                             v.err("tls.acme.eab_kid", "must be the key identifier your CA gave you");
                         }
                         match (key, param) {
-                            (None, None) => v.err("tls.acme.eab_kid", "needs tls.acme.eab_hmac_key or tls.acme.eab_hmac_key_parameter"),
-                            (Some(_), Some(_)) => v.err("tls.acme.eab_hmac_key", "set eab_hmac_key or eab_hmac_key_parameter, not both"),
+                            (None, None) => v.err(
+                                "tls.acme.eab_kid",
+                                "needs tls.acme.eab_hmac_key or tls.acme.eab_hmac_key_parameter",
+                            ),
+                            (Some(_), Some(_)) => {
+                                v.err("tls.acme.eab_hmac_key", "set eab_hmac_key or eab_hmac_key_parameter, not both")
+                            }
                             (Some(k), None) => {
                                 if let Err(why) = eab_hmac_key_bytes(k.expose()) {
                                     v.err("tls.acme.eab_hmac_key", why);
@@ -677,7 +650,10 @@ impl Config {
                             }
                             (None, Some(name)) => {
                                 if name.trim().is_empty() {
-                                    v.err("tls.acme.eab_hmac_key_parameter", "must name the SSM parameter holding the key");
+                                    v.err(
+                                        "tls.acme.eab_hmac_key_parameter",
+                                        "must name the SSM parameter holding the key",
+                                    );
                                 }
                             }
                         }
@@ -702,12 +678,21 @@ impl Config {
             for k in ["cert_file", "key_file"] {
                 let set = if k == "cert_file" { self.tls.cert_file.is_some() } else { self.tls.key_file.is_some() };
                 if set {
-                    v.err(format!("tls.{k}"), format!("only used with tls.mode = \"files\" (mode is \"{}\")", self.tls.mode));
+                    v.err(
+                        format!("tls.{k}"),
+                        format!("only used with tls.mode = \"files\" (mode is \"{}\")", self.tls.mode),
+                    );
                 }
             }
         }
         if self.tls.mode != TlsMode::Acme && self.tls.acme.is_some() {
-            v.err("tls.acme", format!("[tls.acme] is set but tls.mode is \"{}\"; set tls.mode = \"acme\" or remove the table", self.tls.mode));
+            v.err(
+                "tls.acme",
+                format!(
+                    "[tls.acme] is set but tls.mode is \"{}\"; set tls.mode = \"acme\" or remove the table",
+                    self.tls.mode
+                ),
+            );
         }
 
         // [apps.*]
@@ -746,7 +731,10 @@ impl Config {
             }
             for k in app.env.keys() {
                 if !is_env_name(k) {
-                    v.err(format!("{base}.env.{k}"), "is not a valid environment variable name ([A-Za-z_][A-Za-z0-9_]*)");
+                    v.err(
+                        format!("{base}.env.{k}"),
+                        "is not a valid environment variable name ([A-Za-z_][A-Za-z0-9_]*)",
+                    );
                 } else if app.secrets != SecretSelection::Only(vec![]) && from_parameters.contains_key(k) {
                     v.err(
                         format!("{base}.env.{k}"),
@@ -770,7 +758,10 @@ impl Config {
             if let RegistryAuth::Basic { username, password } = &app.registry_auth {
                 for (field, val) in [("username", username), ("password", password)] {
                     if !val.starts_with('/') && !val.chars().all(|c| c.is_ascii_alphanumeric() || "_.-".contains(c)) {
-                        v.err(format!("{base}.registry_auth.{field}"), format!("{val:?} must be an SSM parameter name, not a value"));
+                        v.err(
+                            format!("{base}.registry_auth.{field}"),
+                            format!("{val:?} must be an SSM parameter name, not a value"),
+                        );
                     }
                 }
             }
@@ -816,7 +807,10 @@ impl Config {
                 for (field, list) in [("allow", &access.allow), ("trusted_proxies", &access.trusted_proxies)] {
                     for (i, net) in list.iter().enumerate() {
                         if parse_net(net).is_none() {
-                            v.err(format!("{base}.access.{field}[{i}]"), format!("{net:?} is not an address or network like \"10.0.0.0/16\""));
+                            v.err(
+                                format!("{base}.access.{field}[{i}]"),
+                                format!("{net:?} is not an address or network like \"10.0.0.0/16\""),
+                            );
                         }
                     }
                 }
@@ -829,14 +823,20 @@ impl Config {
                 names.extend(access.basic_auth.iter().map(|(u, n)| (format!("{base}.access.basic_auth.{u}"), n)));
                 for (key, n) in names {
                     if !is_mapped_secret_name(n) {
-                        v.err(&key, format!("{n:?} must name a secret (upper-case mapped name like API_KEY), not hold a value"));
+                        v.err(
+                            &key,
+                            format!("{n:?} must name a secret (upper-case mapped name like API_KEY), not hold a value"),
+                        );
                     } else if !self.has_secrets() {
                         v.err(&key, "names a secret but [secrets] has neither path nor parameters");
                     }
                 }
                 for user in access.basic_auth.keys() {
                     if user.is_empty() || user.contains(':') {
-                        v.err(format!("{base}.access.basic_auth"), format!("user name {user:?} must be non-empty and contain no ':'"));
+                        v.err(
+                            format!("{base}.access.basic_auth"),
+                            format!("user name {user:?} must be non-empty and contain no ':'"),
+                        );
                     }
                 }
             }
@@ -845,7 +845,10 @@ impl Config {
                 v.err(format!("{base}.restart.initial_backoff"), "must be greater than 0s (a crash loop would spin)");
             }
             if r.max_backoff < r.initial_backoff {
-                v.err(format!("{base}.restart.max_backoff"), format!("{} is less than initial_backoff {}", r.max_backoff, r.initial_backoff));
+                v.err(
+                    format!("{base}.restart.max_backoff"),
+                    format!("{} is less than initial_backoff {}", r.max_backoff, r.initial_backoff),
+                );
             }
         }
         v.problems
@@ -963,9 +966,7 @@ pub fn env_name_for_parameter(name: &str) -> String {
 }
 
 fn sanitize_env(s: &str) -> String {
-    s.chars()
-        .map(|c| if c.is_ascii_alphanumeric() || c == '_' { c.to_ascii_uppercase() } else { '_' })
-        .collect()
+    s.chars().map(|c| if c.is_ascii_alphanumeric() || c == '_' { c.to_ascii_uppercase() } else { '_' }).collect()
 }
 
 /// `"512m"` → bytes. Suffixes b, k, m, g (powers of 1024), as `docker run --memory` takes.
@@ -996,10 +997,7 @@ struct Locator<'a> {
 
 impl<'a> Locator<'a> {
     fn new(src: &'a str) -> Self {
-        Locator {
-            src,
-            doc: toml::de::DeTable::parse(src).ok(),
-        }
+        Locator { src, doc: toml::de::DeTable::parse(src).ok() }
     }
 
     fn syntax(&self, e: &toml::de::Error) -> Problem {
@@ -1078,9 +1076,9 @@ fn split_key_path(key: &str) -> Vec<Seg<'_>> {
 /// error never quotes the value: it is a secret.
 pub fn eab_hmac_key_bytes(text: &str) -> Result<zeroize::Zeroizing<Vec<u8>>, String> {
     use base64::prelude::{Engine, BASE64_URL_SAFE_NO_PAD};
-    let bytes = BASE64_URL_SAFE_NO_PAD
-        .decode(text.trim().trim_end_matches('='))
-        .map_err(|_| "is not base64url (the alphabet A-Z a-z 0-9 - _); copy the key exactly as your CA shows it".to_owned())?;
+    let bytes = BASE64_URL_SAFE_NO_PAD.decode(text.trim().trim_end_matches('=')).map_err(|_| {
+        "is not base64url (the alphabet A-Z a-z 0-9 - _); copy the key exactly as your CA shows it".to_owned()
+    })?;
     if bytes.is_empty() {
         return Err("is empty".into());
     }
@@ -1166,7 +1164,12 @@ routes = ["api.example.com/"]
 
     #[test]
     fn eab_keys_come_as_a_pair_and_the_key_is_never_printed() {
-        let with = |extra: &str| GOOD.replace("contact = [\"mailto:ops@example.com\"]", &format!("contact = [\"mailto:ops@example.com\"]\n{extra}"));
+        let with = |extra: &str| {
+            GOOD.replace(
+                "contact = [\"mailto:ops@example.com\"]",
+                &format!("contact = [\"mailto:ops@example.com\"]\n{extra}"),
+            )
+        };
         let key = "zWNDZM6eQGHWpSRTPal5eIUYFTu7EajVIoguysqZ9wG44nMEtx3MUAsUDkMTQ12W";
         let c = Config::parse(&with(&format!("eab_kid = \"kid-1\"\neab_hmac_key = \"{key}\""))).unwrap();
         assert_eq!(c.acme().eab_kid.as_deref(), Some("kid-1"));

@@ -156,9 +156,10 @@ async fn run(config: Config, path: PathBuf) -> anyhow::Result<()> {
 
     let mut side_servers = Vec::new();
     if !config.agent.metrics_listen.is_empty() {
-        let listener = TcpListener::from_std(bind(&config.agent.metrics_listen).with_context(|| {
-            format!("binding metrics listener {}", config.agent.metrics_listen)
-        })?)?;
+        let listener = TcpListener::from_std(
+            bind(&config.agent.metrics_listen)
+                .with_context(|| format!("binding metrics listener {}", config.agent.metrics_listen))?,
+        )?;
         tracing::info!(addr = %config.agent.metrics_listen, "metrics at /metrics");
         side_servers.push(tokio::spawn(server::serve(
             listener,
@@ -174,7 +175,10 @@ async fn run(config: Config, path: PathBuf) -> anyhow::Result<()> {
         tokio::spawn(async move {
             if let Err(e) = admin::serve(path, live, shutdown).await {
                 // berth still serves traffic without it; say so loudly.
-                tracing::error!(error = format!("{e:#}"), "admin socket unavailable: berth status/deploy/renew will not work");
+                tracing::error!(
+                    error = format!("{e:#}"),
+                    "admin socket unavailable: berth status/deploy/renew will not work"
+                );
             }
         });
     }
@@ -182,7 +186,8 @@ async fn run(config: Config, path: PathBuf) -> anyhow::Result<()> {
     // 4. Supervision: secrets first (the containers need them), then Docker, then one task
     //    per app. It runs in the background so that a slow SSM or Docker never holds up
     //    READY=1; it says what it waits for in the status line instead.
-    let boot = tokio::spawn(start_supervision(config.clone(), router.clone(), live.clone(), shutdown.clone(), routes_settled));
+    let boot =
+        tokio::spawn(start_supervision(config.clone(), router.clone(), live.clone(), shutdown.clone(), routes_settled));
 
     // 5. Ready: listeners are up and supervision has started.
     systemd::ready(&live.status_line());
@@ -257,10 +262,8 @@ fn request_observer(config: &Config, metrics: &Metrics) -> Option<Arc<dyn berth_
         observers.push(Arc::new(metrics.requests.clone()));
     }
     if config.http.access_log != crate::config::AccessLogMode::Off {
-        observers.push(Arc::new(access::AccessLog {
-            mode: config.http.access_log,
-            sample: config.http.access_log_sample,
-        }));
+        observers
+            .push(Arc::new(access::AccessLog { mode: config.http.access_log, sample: config.http.access_log_sample }));
     }
     match observers.len() {
         0 => None,
@@ -280,11 +283,7 @@ pub(crate) fn route_table(config: &Config) -> RouteTable {
         }
         for r in &app.routes {
             if let Ok((host, prefix)) = crate::config::parse_route(r) {
-                routes.push(Route {
-                    host,
-                    prefix,
-                    app: Arc::from(name.as_str()),
-                });
+                routes.push(Route { host, prefix, app: Arc::from(name.as_str()) });
             }
         }
     }
@@ -305,7 +304,13 @@ pub(crate) fn set_connection_caps(config: &Config, router: &Router) {
 /// Docker is reached alongside SSM, not after it: running containers are routed
 /// provisionally (`supervisor::route_running`) as soon as Docker answers, then
 /// `routes_settled` lets `:443` accept.
-async fn start_supervision(config: Config, router: Router, live: Arc<Live>, shutdown: CancellationToken, routes_settled: CancellationToken) {
+async fn start_supervision(
+    config: Config,
+    router: Router,
+    live: Arc<Live>,
+    shutdown: CancellationToken,
+    routes_settled: CancellationToken,
+) {
     let docker_and_routes = async {
         let docker = if config.apps.is_empty() {
             None
@@ -337,7 +342,9 @@ async fn start_supervision(config: Config, router: Router, live: Arc<Live>, shut
             if !until_apps_configured(&live, &shutdown).await {
                 return;
             }
-            let Some(docker) = supervisor::connect(&shutdown, |s| live.set_waiting(Some(s.to_string()))).await else { return };
+            let Some(docker) = supervisor::connect(&shutdown, |s| live.set_waiting(Some(s.to_string()))).await else {
+                return;
+            };
             docker
         }
     };
@@ -362,7 +369,10 @@ async fn start_supervision(config: Config, router: Router, live: Arc<Live>, shut
             Err(e) => {
                 // A fixed key keeps the label stable across restarts (adoption still works);
                 // it only loses the protection against offline guessing.
-                tracing::error!(error = format!("{e:#}"), "cannot keep the config-hash key in state_dir; containers will be replaced at every start");
+                tracing::error!(
+                    error = format!("{e:#}"),
+                    "cannot keep the config-hash key in state_dir; containers will be replaced at every start"
+                );
                 Arc::from(vec![0u8; 32])
             }
         },
@@ -374,7 +384,8 @@ async fn start_supervision(config: Config, router: Router, live: Arc<Live>, shut
 
 /// Whether starting `config` needs the AWS SDK: SSM for secrets or a registry password.
 fn needs_aws(config: &Config) -> bool {
-    config.has_secrets() || config.apps.values().any(|a| matches!(a.registry_auth, crate::config::RegistryAuth::Basic { .. }))
+    config.has_secrets()
+        || config.apps.values().any(|a| matches!(a.registry_auth, crate::config::RegistryAuth::Basic { .. }))
 }
 
 /// Waits until the running config has an app (a reload added one). False on shutdown.
@@ -395,7 +406,11 @@ async fn until_apps_configured(live: &Live, shutdown: &CancellationToken) -> boo
 /// config it was fetched for. A reload that changes the source while we wait restarts the
 /// fetch with the new one. Without `[secrets]`: an empty set a reload can fill. `None` on
 /// shutdown.
-async fn first_secrets(live: &Live, mut sdk: Option<aws_config::SdkConfig>, shutdown: &CancellationToken) -> Option<(secrets::SecretsHandle, Arc<Config>)> {
+async fn first_secrets(
+    live: &Live,
+    mut sdk: Option<aws_config::SdkConfig>,
+    shutdown: &CancellationToken,
+) -> Option<(secrets::SecretsHandle, Arc<Config>)> {
     let mut changes = live.subscribe_config();
     loop {
         let config = changes.borrow_and_update().clone();

@@ -39,11 +39,7 @@ pub enum EcrError {
          com.amazonaws.{region}.ecr.dkr and the S3 gateway endpoint (image layers), or a route \
          through a NAT gateway"
     )]
-    Network {
-        endpoint: String,
-        region: String,
-        detail: String,
-    },
+    Network { endpoint: String, region: String, detail: String },
     #[error(
         "no usable AWS credentials for ECR ({detail}): attach an instance profile (an IAM role) \
          to the instance and keep IMDSv2 reachable, or set AWS_ACCESS_KEY_ID/AWS_SECRET_ACCESS_KEY"
@@ -68,20 +64,13 @@ pub struct EcrAuth {
 
 impl EcrAuth {
     pub fn new(aws: AwsConfig, sdk: Option<SdkConfig>) -> Self {
-        EcrAuth {
-            aws,
-            sdk: OnceCell::new_with(sdk),
-            cache: Mutex::new(TokenCache::default()),
-        }
+        EcrAuth { aws, sdk: OnceCell::new_with(sdk), cache: Mutex::new(TokenCache::default()) }
     }
 
     /// Docker credentials for `registry` (the image reference's host), from the cache while
     /// the cached token has more than [`REFRESH_BEFORE_EXPIRY`] left, else from ECR.
     pub async fn credentials(&self, registry: &str) -> Result<DockerCredentials, EcrError> {
-        let sdk = self
-            .sdk
-            .get_or_init(|| crate::aws::sdk_config(&self.aws))
-            .await;
+        let sdk = self.sdk.get_or_init(|| crate::aws::sdk_config(&self.aws)).await;
         let region = match ecr_host(registry) {
             Some(host) => host.region.to_string(),
             None => sdk.region().map(|r| r.to_string()).ok_or(EcrError::NoRegion)?,
@@ -124,19 +113,13 @@ struct Token {
 impl Token {
     /// `authorizationToken` is `base64("AWS:" + password)`.
     fn decode(b64: &str, expires_at: Option<SystemTime>) -> Result<Token, &'static str> {
-        let raw = base64::engine::general_purpose::STANDARD
-            .decode(b64.trim())
-            .map_err(|_| "not base64")?;
+        let raw = base64::engine::general_purpose::STANDARD.decode(b64.trim()).map_err(|_| "not base64")?;
         let text = String::from_utf8(raw).map_err(|_| "not UTF-8")?;
         let (user, password) = text.split_once(':').ok_or("no user:password pair")?;
         if user.is_empty() || password.is_empty() {
             return Err("empty user or password");
         }
-        let token = Token {
-            username: user.to_string(),
-            password: Secret::new(password.to_string()),
-            expires_at,
-        };
+        let token = Token { username: user.to_string(), password: Secret::new(password.to_string()), expires_at };
         // `text` held the password too: wipe it rather than leave it in freed memory.
         zeroize::Zeroize::zeroize(&mut { text });
         Ok(token)
@@ -168,9 +151,7 @@ impl TokenCache {
     /// expiry, or with less than that left (a skewed clock, or a stand-in like moto, which
     /// says 2015), is used once and not kept. Returns whether it was kept.
     fn put(&mut self, key: (String, String), token: Token, now: SystemTime) -> bool {
-        let refresh_at = token
-            .expires_at
-            .and_then(|e| e.checked_sub(REFRESH_BEFORE_EXPIRY));
+        let refresh_at = token.expires_at.and_then(|e| e.checked_sub(REFRESH_BEFORE_EXPIRY));
         match refresh_at {
             Some(at) if at > now => {
                 self.entries.insert(key, (token, at));
@@ -226,28 +207,18 @@ fn endpoint(sdk: &SdkConfig, region: &str) -> String {
 /// One GetAuthorizationToken call in `region` (the image's region, which may differ from
 /// `[aws] region`), through `endpoint_url` / `AWS_ENDPOINT_URL` when one is configured.
 async fn fetch(sdk: &SdkConfig, region: &str) -> Result<Token, EcrError> {
-    let conf = aws_sdk_ecr::config::Builder::from(sdk)
-        .region(Region::new(region.to_string()))
-        .build();
+    let conf = aws_sdk_ecr::config::Builder::from(sdk).region(Region::new(region.to_string())).build();
     let client = aws_sdk_ecr::Client::from_conf(conf);
-    let out = client
-        .get_authorization_token()
-        .send()
-        .await
-        .map_err(|e| classify(e, sdk, region))?;
-    let data = out.authorization_data().first().ok_or(EcrError::BadToken {
-        region: region.to_string(),
-        detail: "no authorizationData",
-    })?;
-    let b64 = data.authorization_token().ok_or(EcrError::BadToken {
-        region: region.to_string(),
-        detail: "no authorizationToken",
-    })?;
+    let out = client.get_authorization_token().send().await.map_err(|e| classify(e, sdk, region))?;
+    let data = out
+        .authorization_data()
+        .first()
+        .ok_or(EcrError::BadToken { region: region.to_string(), detail: "no authorizationData" })?;
+    let b64 = data
+        .authorization_token()
+        .ok_or(EcrError::BadToken { region: region.to_string(), detail: "no authorizationToken" })?;
     let expires_at = data.expires_at().and_then(|t| SystemTime::try_from(*t).ok());
-    Token::decode(b64, expires_at).map_err(|detail| EcrError::BadToken {
-        region: region.to_string(),
-        detail,
-    })
+    Token::decode(b64, expires_at).map_err(|detail| EcrError::BadToken { region: region.to_string(), detail })
 }
 
 fn classify<E>(err: SdkError<E>, sdk: &SdkConfig, region: &str) -> EcrError
@@ -262,17 +233,13 @@ where
             let message = se.err().message().unwrap_or("").to_string();
             match code {
                 "AccessDeniedException" | "AccessDenied" | "UnauthorizedOperation" => {
-                    EcrError::AccessDenied {
-                        region: region_s,
-                        message: format!("{code}: {message}"),
-                    }
+                    EcrError::AccessDenied { region: region_s, message: format!("{code}: {message}") }
                 }
-                "UnrecognizedClientException" | "InvalidSignatureException"
-                | "ExpiredTokenException" | "InvalidClientTokenId" | "SignatureDoesNotMatch" => {
-                    EcrError::Credentials {
-                        detail: format!("{code}: {message}"),
-                    }
-                }
+                "UnrecognizedClientException"
+                | "InvalidSignatureException"
+                | "ExpiredTokenException"
+                | "InvalidClientTokenId"
+                | "SignatureDoesNotMatch" => EcrError::Credentials { detail: format!("{code}: {message}") },
                 _ => EcrError::Other {
                     region: region_s,
                     detail: format!("HTTP {} {code}: {message}", se.raw().status().as_u16()),
@@ -284,18 +251,11 @@ where
             region: region_s,
             detail: format!("timed out: {detail}"),
         },
-        SdkError::DispatchFailure(d) if d.is_io() || d.is_timeout() => EcrError::Network {
-            endpoint: endpoint(sdk, region),
-            region: region_s,
-            detail,
-        },
-        _ if detail.to_ascii_lowercase().contains("credentials") => {
-            EcrError::Credentials { detail }
+        SdkError::DispatchFailure(d) if d.is_io() || d.is_timeout() => {
+            EcrError::Network { endpoint: endpoint(sdk, region), region: region_s, detail }
         }
-        _ => EcrError::Other {
-            region: region_s,
-            detail,
-        },
+        _ if detail.to_ascii_lowercase().contains("credentials") => EcrError::Credentials { detail },
+        _ => EcrError::Other { region: region_s, detail },
     }
 }
 
@@ -363,14 +323,8 @@ mod tests {
             ecr_host("123456789012.dkr.ecr-fips.us-gov-west-1.amazonaws.com").map(|h| h.region),
             Some("us-gov-west-1")
         );
-        assert_eq!(
-            ecr_host("123456789012.dkr.ecr.cn-north-1.amazonaws.com.cn").map(|h| h.region),
-            Some("cn-north-1")
-        );
-        assert_eq!(
-            ecr_host("123456789012.dkr-ecr.ap-south-1.on.aws").map(|h| h.region),
-            Some("ap-south-1")
-        );
+        assert_eq!(ecr_host("123456789012.dkr.ecr.cn-north-1.amazonaws.com.cn").map(|h| h.region), Some("cn-north-1"));
+        assert_eq!(ecr_host("123456789012.dkr-ecr.ap-south-1.on.aws").map(|h| h.region), Some("ap-south-1"));
         assert_eq!(ecr_host("127.0.0.1:5000"), None);
         assert_eq!(ecr_host("registry.example.com"), None);
         assert_eq!(ecr_host("12345.dkr.ecr.eu-west-1.amazonaws.com"), None);
@@ -387,7 +341,11 @@ mod tests {
         .await
         .into_builder()
         .credentials_provider(SharedCredentialsProvider::new(Credentials::new(
-            "testing", "testing", None, None, "berth-tests",
+            "testing",
+            "testing",
+            None,
+            None,
+            "berth-tests",
         )))
         .build()
     }

@@ -25,11 +25,10 @@ const WIRE_LOGGERS: [&str; 10] = [
 /// e.g. `info,berth::secrets=debug`), default `info`.
 pub fn init() {
     let spec = std::env::var("BERTH_LOG").unwrap_or_default();
-    let mut filter = EnvFilter::try_new(if spec.trim().is_empty() { "info" } else { &spec })
-        .unwrap_or_else(|e| {
-            eprintln!("berth: BERTH_LOG={spec:?} is not a valid filter ({e}); using info");
-            EnvFilter::new("info")
-        });
+    let mut filter = EnvFilter::try_new(if spec.trim().is_empty() { "info" } else { &spec }).unwrap_or_else(|e| {
+        eprintln!("berth: BERTH_LOG={spec:?} is not a valid filter ({e}); using info");
+        EnvFilter::new("info")
+    });
     // The HTTP and AWS layers log whole request and response bodies at debug/trace, and a
     // GetParameters response body *is* the secrets. `BERTH_LOG=trace` means berth's trace;
     // those crates stay at info unless named explicitly.
@@ -47,9 +46,7 @@ pub fn init() {
     if std::env::var_os("JOURNAL_STREAM").is_some() {
         match tracing_journald::layer() {
             Ok(journald) => {
-                let journald = journald
-                    .with_field_prefix(None)
-                    .with_syslog_identifier("berth".into());
+                let journald = journald.with_field_prefix(None).with_syslog_identifier("berth".into());
                 tracing_subscriber::registry().with(filter).with(journald).init();
                 return;
             }

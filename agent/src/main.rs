@@ -1,8 +1,8 @@
 //! `berth`: the thin binary. Parses the command line and hands off to one module per job;
 //! the daemon's wiring reads top to bottom in [`daemon::run`].
 
-mod acme;
 mod access;
+mod acme;
 mod admin;
 mod aws;
 mod backoff;

@@ -90,7 +90,11 @@ impl RequestMetrics {
     }
 
     fn count(&self, handles: &AppHandles, status: StatusCode) {
-        let create = || self.requests.get_or_create(&[("app", handles.app.to_string()), ("code", status.as_str().to_owned())]).clone();
+        let create = || {
+            self.requests
+                .get_or_create(&[("app", handles.app.to_string()), ("code", status.as_str().to_owned())])
+                .clone()
+        };
         match status.as_u16() {
             code @ FIRST_CODE..=LAST_CODE => handles.by_code[usize::from(code - FIRST_CODE)].get_or_init(create).inc(),
             _ => create().inc(),
@@ -158,7 +162,12 @@ impl Collector for StateCollector {
         let apps = self.live.apps.lock().unwrap().clone();
 
         let g = ConstGauge::new(0i64);
-        let mut m = encoder.encode_descriptor("berth_app_healthy", "1 when the app passes its health checks and is routed", None, g.metric_type())?;
+        let mut m = encoder.encode_descriptor(
+            "berth_app_healthy",
+            "1 when the app passes its health checks and is routed",
+            None,
+            g.metric_type(),
+        )?;
         for name in config.apps.keys() {
             let healthy = !unhealthy.contains_key(name) && apps.get(name).is_some_and(|s| s.healthy);
             ConstGauge::new(healthy as i64).encode(m.encode_family(&[("app", name.as_str())])?)?;
@@ -177,7 +186,12 @@ impl Collector for StateCollector {
             ConstGauge::new(c.open as i64).encode(m.encode_family(&[("app", name.as_str()), ("state", "open")])?)?;
             ConstGauge::new(c.idle as i64).encode(m.encode_family(&[("app", name.as_str()), ("state", "idle")])?)?;
         }
-        let mut m = encoder.encode_descriptor("berth_app_max_connections", "The app's max_connections", None, g.metric_type())?;
+        let mut m = encoder.encode_descriptor(
+            "berth_app_max_connections",
+            "The app's max_connections",
+            None,
+            g.metric_type(),
+        )?;
         for (name, c) in &conns {
             ConstGauge::new(c.max as i64).encode(m.encode_family(&[("app", name.as_str())])?)?;
         }
@@ -190,13 +204,23 @@ impl Collector for StateCollector {
         for (name, c) in &conns {
             ConstGauge::new(c.waiting as i64).encode(m.encode_family(&[("app", name.as_str())])?)?;
         }
-        let mut m = encoder.encode_descriptor("berth_app_requests_in_flight", "Requests being forwarded to the app", None, g.metric_type())?;
+        let mut m = encoder.encode_descriptor(
+            "berth_app_requests_in_flight",
+            "Requests being forwarded to the app",
+            None,
+            g.metric_type(),
+        )?;
         for (name, c) in &conns {
             ConstGauge::new(c.in_flight as i64).encode(m.encode_family(&[("app", name.as_str())])?)?;
         }
 
         let c = ConstCounter::new(0u64);
-        let mut m = encoder.encode_descriptor("berth_container_restarts", "Container restarts after a crash, by app", None, c.metric_type())?;
+        let mut m = encoder.encode_descriptor(
+            "berth_container_restarts",
+            "Container restarts after a crash, by app",
+            None,
+            c.metric_type(),
+        )?;
         for name in config.apps.keys() {
             let n = apps.get(name).map_or(0, |s| s.restarts);
             ConstCounter::new(n).encode(m.encode_family(&[("app", name.as_str())])?)?;
@@ -204,14 +228,24 @@ impl Collector for StateCollector {
 
         if let Some(h) = self.live.secrets.get().filter(|_| config.has_secrets()) {
             let s = h.status();
-            let mut m = encoder.encode_descriptor("berth_secrets_refresh", "Secrets fetches from SSM, by result", None, c.metric_type())?;
+            let mut m = encoder.encode_descriptor(
+                "berth_secrets_refresh",
+                "Secrets fetches from SSM, by result",
+                None,
+                c.metric_type(),
+            )?;
             ConstCounter::new(s.refresh_ok).encode(m.encode_family(&[("result", "ok")])?)?;
             ConstCounter::new(s.refresh_error).encode(m.encode_family(&[("result", "error")])?)?;
         }
 
         if let Some(acme) = self.live.acme() {
             let s = acme.status();
-            let mut m = encoder.encode_descriptor("berth_acme_orders", "ACME orders placed by this instance, by result", None, c.metric_type())?;
+            let mut m = encoder.encode_descriptor(
+                "berth_acme_orders",
+                "ACME orders placed by this instance, by result",
+                None,
+                c.metric_type(),
+            )?;
             ConstCounter::new(s.orders_ok).encode(m.encode_family(&[("result", "ok")])?)?;
             ConstCounter::new(s.orders_error).encode(m.encode_family(&[("result", "error")])?)?;
             let mut m = encoder.encode_descriptor(
@@ -226,7 +260,12 @@ impl Collector for StateCollector {
         }
 
         let info = ConstGauge::new(1i64);
-        let m = encoder.encode_descriptor("berth_build_info", "Version and git revision of the running berth", None, info.metric_type())?;
+        let m = encoder.encode_descriptor(
+            "berth_build_info",
+            "Version and git revision of the running berth",
+            None,
+            info.metric_type(),
+        )?;
         let mut m = m;
         info.encode(m.encode_family(&[("version", env!("CARGO_PKG_VERSION")), ("revision", env!("BERTH_GIT_REV"))])?)?;
         Ok(())

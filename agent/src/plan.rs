@@ -10,12 +10,20 @@ pub fn render(config: &Config, path: &std::path::Path) -> String {
     let w = &mut out;
     let _ = writeln!(w, "config {} is valid", path.display());
     let _ = writeln!(w, "\nlisteners");
-    let _ = writeln!(w, "  http    {} (ACME HTTP-01, health {}, redirect to https)", config.http.listen, config.http.health_path);
+    let _ = writeln!(
+        w,
+        "  http    {} (ACME HTTP-01, health {}, redirect to https)",
+        config.http.listen, config.http.health_path
+    );
     let _ = writeln!(w, "  https   {}", config.https.listen);
     let metrics = if config.agent.metrics_listen.is_empty() { "off" } else { &config.agent.metrics_listen };
     let _ = writeln!(w, "  metrics {metrics}");
     let _ = writeln!(w, "  admin   {}", config.agent.admin_socket.display());
-    let _ = writeln!(w, "  stop    health 503, wait {}, then drain up to {}", config.agent.drain_delay, config.agent.drain_timeout);
+    let _ = writeln!(
+        w,
+        "  stop    health 503, wait {}, then drain up to {}",
+        config.agent.drain_delay, config.agent.drain_timeout
+    );
 
     let _ = writeln!(w, "\ntls");
     let domains = if config.tls.domains.is_empty() { "(none)".to_string() } else { config.tls.domains.join(", ") };
@@ -35,7 +43,8 @@ pub fn render(config: &Config, path: &std::path::Path) -> String {
             let _ = writeln!(w, "  until   issued, a self-signed certificate serves");
         }
         TlsMode::SelfSigned => {
-            let _ = writeln!(w, "  mode    self-signed for {domains} (fine behind an ALB, which does not verify targets)");
+            let _ =
+                writeln!(w, "  mode    self-signed for {domains} (fine behind an ALB, which does not verify targets)");
         }
         TlsMode::Files => {
             let _ = writeln!(
@@ -52,7 +61,8 @@ pub fn render(config: &Config, path: &std::path::Path) -> String {
         let _ = writeln!(w, "  (none)");
     } else {
         if let Some(p) = &config.secrets.path {
-            let _ = writeln!(w, "  path    {p} (recursive, decrypted; names mapped like {p}db/password -> DB_PASSWORD)");
+            let _ =
+                writeln!(w, "  path    {p} (recursive, decrypted; names mapped like {p}db/password -> DB_PASSWORD)");
         }
         for p in &config.secrets.parameters {
             let _ = writeln!(w, "  param   {p} -> {}", env_name_for_parameter(p));
@@ -62,7 +72,14 @@ pub fn render(config: &Config, path: &std::path::Path) -> String {
         } else {
             format!("refreshed every {}", config.secrets.refresh_interval)
         };
-        let _ = writeln!(w, "  refresh {refresh}, on change: {}", match config.secrets.on_change { crate::config::OnChange::Redeploy => "redeploy", crate::config::OnChange::Ignore => "ignore" });
+        let _ = writeln!(
+            w,
+            "  refresh {refresh}, on change: {}",
+            match config.secrets.on_change {
+                crate::config::OnChange::Redeploy => "redeploy",
+                crate::config::OnChange::Ignore => "ignore",
+            }
+        );
     }
 
     let _ = writeln!(w, "\napps");
@@ -95,7 +112,11 @@ pub fn render(config: &Config, path: &std::path::Path) -> String {
         let health = match &app.health.path {
             Some(p) => format!(
                 "GET {p} every {} (timeout {}, healthy after {}, unhealthy after {}, grace {})",
-                app.health.interval, app.health.timeout, app.health.healthy_threshold, app.health.unhealthy_threshold, app.health.start_period
+                app.health.interval,
+                app.health.timeout,
+                app.health.healthy_threshold,
+                app.health.unhealthy_threshold,
+                app.health.start_period
             ),
             None => "running container counts as healthy".to_string(),
         };

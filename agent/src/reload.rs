@@ -78,7 +78,12 @@ pub fn reload(path: &std::path::Path, live: &Live, router: &Router) {
     if needs_restart.is_empty() {
         tracing::info!(apps, applying = applied.join(", "), "config reloaded");
     } else {
-        tracing::warn!(apps, applying = applied.join(", "), restart_needed_for = needs_restart.join(", "), "config reloaded; changes to these sections take effect after `systemctl restart berth`");
+        tracing::warn!(
+            apps,
+            applying = applied.join(", "),
+            restart_needed_for = needs_restart.join(", "),
+            "config reloaded; changes to these sections take effect after `systemctl restart berth`"
+        );
     }
     systemd::ready(&live.status_line());
 }
@@ -98,7 +103,12 @@ pub fn same_secrets_source(a: &Config, b: &Config) -> bool {
 }
 
 /// Keeps the certificates in step with `[tls]` across reloads, until shutdown.
-pub async fn follow_tls(live: Arc<Live>, certs: CertStore, challenges: ChallengeResponder, shutdown: CancellationToken) {
+pub async fn follow_tls(
+    live: Arc<Live>,
+    certs: CertStore,
+    challenges: ChallengeResponder,
+    shutdown: CancellationToken,
+) {
     let mut changes = live.subscribe_config();
     let mut applied = changes.borrow_and_update().clone();
     loop {
@@ -114,7 +124,14 @@ pub async fn follow_tls(live: Arc<Live>, certs: CertStore, challenges: Challenge
     }
 }
 
-async fn apply_tls(live: &Live, certs: &CertStore, challenges: &ChallengeResponder, shutdown: &CancellationToken, old: &Config, new: &Config) {
+async fn apply_tls(
+    live: &Live,
+    certs: &CertStore,
+    challenges: &ChallengeResponder,
+    shutdown: &CancellationToken,
+    old: &Config,
+    new: &Config,
+) {
     let domains = &new.tls.domains;
     tracing::info!(mode = %new.tls.mode, domain = domains.join(","), "applying the reloaded [tls]");
     let handle = live.acme();
@@ -127,7 +144,8 @@ async fn apply_tls(live: &Live, certs: &CertStore, challenges: &ChallengeRespond
         }
         _ => Vec::new(),
     };
-    let uncovered: Vec<String> = domains.iter().filter(|d| !covered.iter().any(|c| c.eq_ignore_ascii_case(d))).cloned().collect();
+    let uncovered: Vec<String> =
+        domains.iter().filter(|d| !covered.iter().any(|c| c.eq_ignore_ascii_case(d))).cloned().collect();
     certs.retain(domains);
     if !uncovered.is_empty() || domains.is_empty() {
         match tls::self_signed(domains) {
@@ -137,7 +155,10 @@ async fn apply_tls(live: &Live, certs: &CertStore, challenges: &ChallengeRespond
                 if let Err(e) = state::write_public(&file, ss.cert_pem.as_bytes()) {
                     tracing::warn!(error = format!("{e:#}"), file = %file.display(), "cannot write the self-signed certificate");
                 }
-                tracing::info!(domain = uncovered.join(","), "self-signed certificate installed for these names until a real one is");
+                tracing::info!(
+                    domain = uncovered.join(","),
+                    "self-signed certificate installed for these names until a real one is"
+                );
             }
             Err(e) => tracing::error!(error = %e, "cannot create a self-signed certificate for the reloaded domains"),
         }
@@ -160,7 +181,12 @@ async fn apply_tls(live: &Live, certs: &CertStore, challenges: &ChallengeRespond
 
 /// Keeps the secrets refresh loop (and `on_change`) in step with `[secrets]`/`[aws]`,
 /// starting from `applied`, the config the loop was started with.
-pub async fn follow_secrets(live: Arc<Live>, handle: SecretsHandle, mut applied: Arc<Config>, on_change: watch::Sender<OnChange>) {
+pub async fn follow_secrets(
+    live: Arc<Live>,
+    handle: SecretsHandle,
+    mut applied: Arc<Config>,
+    on_change: watch::Sender<OnChange>,
+) {
     let mut changes = live.subscribe_config();
     changes.mark_changed();
     loop {

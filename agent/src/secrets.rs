@@ -200,11 +200,9 @@ impl SetBuilder {
         match self.entries.get(&env_name) {
             // Listed in `parameters` and also under `path`: one parameter, no conflict.
             Some(existing) if existing.parameter == parameter => {}
-            Some(existing) => self.collisions.push(Collision {
-                name: env_name,
-                first: existing.parameter.clone(),
-                second: parameter,
-            }),
+            Some(existing) => {
+                self.collisions.push(Collision { name: env_name, first: existing.parameter.clone(), second: parameter })
+            }
             None => {
                 tracing::trace!(parameter = %parameter, env = %env_name, version, "mapped parameter");
                 self.entries.insert(env_name, SecretEntry { value, parameter, version });
@@ -216,9 +214,7 @@ impl SetBuilder {
         if self.collisions.is_empty() {
             Ok(SecretSet { entries: self.entries })
         } else {
-            Err(SecretsError::Collision {
-                collisions: self.collisions,
-            })
+            Err(SecretsError::Collision { collisions: self.collisions })
         }
     }
 }
@@ -243,12 +239,7 @@ pub enum SecretsError {
         "access denied: {action} on {resource} ({message}). The instance profile role needs \
          {needed}"
     )]
-    AccessDenied {
-        action: String,
-        resource: String,
-        needed: String,
-        message: String,
-    },
+    AccessDenied { action: String, resource: String, needed: String, message: String },
     #[error(
         "SSM parameter{} not found: {} (check the names in [secrets] parameters and the region \
          {region}; a Secrets Manager reference {SECRETS_MANAGER_REFERENCE}NAME needs the secret NAME to exist)",
@@ -288,21 +279,14 @@ pub enum SecretsError {
     #[error("{}", render_collisions(.collisions))]
     Collision { collisions: Vec<Collision> },
     #[error("SSM {action} failed with HTTP {status} {code} ({message}); berth retries with backoff")]
-    Server {
-        action: String,
-        status: u16,
-        code: String,
-        message: String,
-    },
+    Server { action: String, status: u16, code: String, message: String },
     #[error("SSM {action} failed: {detail}")]
     Other { action: String, detail: String },
 }
 
 fn render_collisions(collisions: &[Collision]) -> String {
-    let parts: Vec<String> = collisions
-        .iter()
-        .map(|c| format!("{} would come from both {} and {}", c.name, c.first, c.second))
-        .collect();
+    let parts: Vec<String> =
+        collisions.iter().map(|c| format!("{} would come from both {} and {}", c.name, c.first, c.second)).collect();
     format!(
         "secret name collision: {}; rename one of each pair (names are mapped as SPEC [secrets] says)",
         parts.join("; ")
@@ -312,10 +296,7 @@ fn render_collisions(collisions: &[Collision]) -> String {
 impl SecretsError {
     /// Transient: the same request may well succeed later without anyone changing anything.
     pub fn is_retryable(&self) -> bool {
-        matches!(
-            self,
-            SecretsError::Throttled { .. } | SecretsError::Network { .. } | SecretsError::Server { .. }
-        )
+        matches!(self, SecretsError::Throttled { .. } | SecretsError::Network { .. } | SecretsError::Server { .. })
     }
 
     /// A short machine-friendly kind, for status output and metrics labels.
@@ -397,10 +378,7 @@ impl Call<'_> {
             SdkError::DispatchFailure(d) => {
                 let detail = DisplayErrorContext(&err).to_string();
                 if d.is_io() || d.is_timeout() {
-                    SecretsError::Network {
-                        endpoint: self.endpoint.to_string(),
-                        detail,
-                    }
+                    SecretsError::Network { endpoint: self.endpoint.to_string(), detail }
                 } else if detail.to_ascii_lowercase().contains("credentials") {
                     SecretsError::Credentials { detail }
                 } else {
@@ -438,14 +416,8 @@ impl Call<'_> {
             // Before the KMS check: KMS throttling during a fleet boot comes back as a
             // ThrottlingException naming AWSKMS (or as KMS's own KMSThrottlingException),
             // and it needs a retry, not an IAM fix.
-            _ if is_throttling(&code) => SecretsError::Throttled {
-                action,
-                message: format!("{code}: {message}"),
-            },
-            _ if kms => SecretsError::Kms {
-                scope: self.scope_text(),
-                message: format!("{code}: {message}"),
-            },
+            _ if is_throttling(&code) => SecretsError::Throttled { action, message: format!("{code}: {message}") },
+            _ if kms => SecretsError::Kms { scope: self.scope_text(), message: format!("{code}: {message}") },
             "AccessDeniedException" | "AccessDenied" | "UnauthorizedOperation" | "NotAuthorized" => {
                 let performed = performed_action(&message).unwrap_or(self.action).to_string();
                 let named = resource_in(&message);
@@ -456,19 +428,15 @@ impl Call<'_> {
                     Some(arn) if performed != self.action => format!("{performed} on {arn}"),
                     _ => self.needed_grant(&message),
                 };
-                SecretsError::AccessDenied {
-                    needed,
-                    action: performed,
-                    resource,
-                    message,
-                }
+                SecretsError::AccessDenied { needed, action: performed, resource, message }
             }
-            "UnrecognizedClientException" | "InvalidSignatureException" | "ExpiredTokenException"
-            | "ExpiredToken" | "InvalidClientTokenId" | "SignatureDoesNotMatch" | "IncompleteSignature" => {
-                SecretsError::Credentials {
-                    detail: format!("{code}: {message}"),
-                }
-            }
+            "UnrecognizedClientException"
+            | "InvalidSignatureException"
+            | "ExpiredTokenException"
+            | "ExpiredToken"
+            | "InvalidClientTokenId"
+            | "SignatureDoesNotMatch"
+            | "IncompleteSignature" => SecretsError::Credentials { detail: format!("{code}: {message}") },
             "ParameterNotFound" => SecretsError::NotFound {
                 names: match self.scope {
                     Scope::Path(p) => vec![p.to_string()],
@@ -476,16 +444,8 @@ impl Call<'_> {
                 },
                 region: self.region.to_string(),
             },
-            _ if status >= 500 => SecretsError::Server {
-                action,
-                status,
-                code,
-                message,
-            },
-            _ => SecretsError::Other {
-                action,
-                detail: format!("HTTP {status} {code}: {message}"),
-            },
+            _ if status >= 500 => SecretsError::Server { action, status, code, message },
+            _ => SecretsError::Other { action, detail: format!("HTTP {status} {code}: {message}") },
         }
     }
 }
@@ -517,10 +477,7 @@ fn with_slash(name: &str) -> String {
 
 /// The first `arn:...` token in an AWS message.
 fn arn_in(message: &str) -> Option<&str> {
-    message
-        .split_whitespace()
-        .map(|w| w.trim_end_matches(['.', ',', ';', ')']))
-        .find(|w| w.starts_with("arn:"))
+    message.split_whitespace().map(|w| w.trim_end_matches(['.', ',', ';', ')'])).find(|w| w.starts_with("arn:"))
 }
 
 /// "... is not authorized to perform: ssm:GetParametersByPath on resource: arn:... because ..."
@@ -566,9 +523,8 @@ impl SecretsSource {
     #[cfg(test)]
     fn isolated(sdk: &SdkConfig, config: &SecretsConfig, partition: &str) -> Self {
         use aws_sdk_ssm::config::retry::RetryPartition;
-        let ssm = aws_sdk_ssm::config::Builder::from(sdk)
-            .retry_partition(RetryPartition::new(partition.to_string()))
-            .build();
+        let ssm =
+            aws_sdk_ssm::config::Builder::from(sdk).retry_partition(RetryPartition::new(partition.to_string())).build();
         Self::with_ssm_config(ssm, sdk, config)
     }
 
@@ -612,12 +568,8 @@ impl SecretsSource {
     async fn fetch_path(&self, path: &str, region: &str, set: &mut SetBuilder) -> Result<(), SecretsError> {
         // SSM wants the hierarchy without a trailing slash; the mapping strips either form.
         let api_path = if path.len() > 1 { path.trim_end_matches('/') } else { path };
-        let call = Call {
-            action: "ssm:GetParametersByPath",
-            scope: Scope::Path(path),
-            region,
-            endpoint: &self.endpoint,
-        };
+        let call =
+            Call { action: "ssm:GetParametersByPath", scope: Scope::Path(path), region, endpoint: &self.endpoint };
         let mut token: Option<String> = None;
         let mut seen: HashSet<String> = HashSet::new();
         let mut pages = 0u32;
@@ -676,10 +628,7 @@ impl SecretsSource {
             }
         }
         if count == 0 {
-            return Err(SecretsError::EmptyPath {
-                path: path.to_string(),
-                region: region.to_string(),
-            });
+            return Err(SecretsError::EmptyPath { path: path.to_string(), region: region.to_string() });
         }
         tracing::debug!(path, count, pages, "fetched parameters by path");
         Ok(())
@@ -740,10 +689,7 @@ impl SecretsSource {
             }
         }
         if !missing.is_empty() {
-            return Err(SecretsError::NotFound {
-                names: missing,
-                region: region.to_string(),
-            });
+            return Err(SecretsError::NotFound { names: missing, region: region.to_string() });
         }
         Ok(())
     }
@@ -754,12 +700,7 @@ impl SecretsSource {
         names: &[String],
         region: &str,
     ) -> Result<(Vec<aws_sdk_ssm::types::Parameter>, Vec<String>), SecretsError> {
-        let call = Call {
-            action: "ssm:GetParameters",
-            scope: Scope::Names(names),
-            region,
-            endpoint: &self.endpoint,
-        };
+        let call = Call { action: "ssm:GetParameters", scope: Scope::Names(names), region, endpoint: &self.endpoint };
         let start = Instant::now();
         let out = self
             .client
@@ -803,11 +744,7 @@ impl SecretsSource {
             if !retry || policy.max_attempts.is_some_and(|max| failures >= max) {
                 return Err(err);
             }
-            let wait = if err.is_retryable() {
-                backoff.next_delay()
-            } else {
-                at_cap(policy.max)
-            };
+            let wait = if err.is_retryable() { backoff.next_delay() } else { at_cap(policy.max) };
             tracing::warn!(
                 error = %err,
                 kind = err.kind(),
@@ -1055,11 +992,7 @@ fn spawn_loop(source: Option<SecretsSource>, timing: RefreshTiming, initial: Sec
         on_panic,
         Backoff::new(Duration::from_secs(1), Duration::from_secs(60)),
     ));
-    SecretsHandle {
-        secrets: set_rx,
-        status: status_rx,
-        control: Arc::new(control_tx),
-    }
+    SecretsHandle { secrets: set_rx, status: status_rx, control: Arc::new(control_tx) }
 }
 
 fn describe(source: Option<&SecretsSource>) -> String {
@@ -1068,7 +1001,8 @@ fn describe(source: Option<&SecretsSource>) -> String {
 
 /// `None`: no refresh is due (refreshing is off, or there is nothing to read).
 fn next_wait(settings: &Settings) -> Option<Duration> {
-    (settings.source.is_some() && !settings.timing.interval.is_zero()).then(|| interval_jitter(settings.timing.interval))
+    (settings.source.is_some() && !settings.timing.interval.is_zero())
+        .then(|| interval_jitter(settings.timing.interval))
 }
 
 async fn sleep_for(wait: Option<Duration>) {
@@ -1080,8 +1014,12 @@ async fn sleep_for(wait: Option<Duration>) {
 
 /// Runs the task `run` makes until it returns, making a new one (after `backoff`) each
 /// time one panics; `on_panic` hears the panic message and the delay before the restart.
-async fn supervise<F, Fut>(what: &'static str, mut run: F, mut on_panic: impl FnMut(String, Duration), mut backoff: Backoff)
-where
+async fn supervise<F, Fut>(
+    what: &'static str,
+    mut run: F,
+    mut on_panic: impl FnMut(String, Duration),
+    mut backoff: Backoff,
+) where
     F: FnMut() -> Fut,
     Fut: std::future::Future<Output = ()> + Send + 'static,
 {
@@ -1207,11 +1145,8 @@ async fn refresh_loop(
             }
             Err(err) => {
                 let failures = status_tx.borrow().consecutive_failures + 1;
-                let retry = if err.is_retryable() {
-                    backoff.next_delay()
-                } else {
-                    at_cap(settings.timing.backoff_cap())
-                };
+                let retry =
+                    if err.is_retryable() { backoff.next_delay() } else { at_cap(settings.timing.backoff_cap()) };
                 wait = Some(retry);
                 tracing::warn!(
                     error = %err,
@@ -1259,10 +1194,7 @@ pub async fn online_check(config: &Config) -> anyhow::Result<String> {
     let sdk = aws::sdk_config(&config.aws).await;
     let source = SecretsSource::new(&sdk, &config.secrets);
     let start = Instant::now();
-    let set = source
-        .fetch_with_retry(&RetryPolicy::CHECK, |_, _| {})
-        .await
-        .map_err(|e| anyhow::anyhow!("ssm: {e}"))?;
+    let set = source.fetch_with_retry(&RetryPolicy::CHECK, |_, _| {}).await.map_err(|e| anyhow::anyhow!("ssm: {e}"))?;
     let ms = start.elapsed().as_millis();
     let names: BTreeSet<&str> = set.names().collect();
     Ok(format!(

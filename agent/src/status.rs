@@ -252,17 +252,31 @@ pub fn render(r: &StatusReport) -> String {
     } else {
         "NOT healthy"
     };
-    let _ = writeln!(w, "berth {} — {state}, up {}", r.version, humantime::format_duration(std::time::Duration::from_secs(r.uptime_seconds)));
+    let _ = writeln!(
+        w,
+        "berth {} — {state}, up {}",
+        r.version,
+        humantime::format_duration(std::time::Duration::from_secs(r.uptime_seconds))
+    );
     if let Some(wf) = &r.waiting_for {
         let _ = writeln!(w, "waiting for: {wf}");
     }
-    let _ = writeln!(w, "\n{:<14} {:<9} {:<14} {:<21} {:>6} {:>8}  STATE", "APP", "HEALTH", "CONTAINER", "IMAGE", "PORT", "RESTARTS");
+    let _ = writeln!(
+        w,
+        "\n{:<14} {:<9} {:<14} {:<21} {:>6} {:>8}  STATE",
+        "APP", "HEALTH", "CONTAINER", "IMAGE", "PORT", "RESTARTS"
+    );
     for (name, a) in &r.apps {
         let health = if a.status.healthy { "healthy" } else { "unhealthy" };
         let container = a.status.container_id.as_deref().map(|c| &c[..c.len().min(12)]).unwrap_or("-");
         let image = a.status.image_id.as_deref().map(|i| &i[..i.len().min(19)]).unwrap_or("-");
         let port = a.status.port.map(|p| p.to_string()).unwrap_or_else(|| "-".into());
-        let _ = writeln!(w, "{name:<14} {health:<9} {container:<14} {image:<21} {port:>6} {:>8}  {}", a.status.restarts, a.problem.as_deref().unwrap_or(&a.status.state));
+        let _ = writeln!(
+            w,
+            "{name:<14} {health:<9} {container:<14} {image:<21} {port:>6} {:>8}  {}",
+            a.status.restarts,
+            a.problem.as_deref().unwrap_or(&a.status.state)
+        );
         if let Some(u) = &a.status.upstream {
             let _ = writeln!(w, "{:<14} requests go to {u}", "");
         }
@@ -287,7 +301,11 @@ pub fn render(r: &StatusReport) -> String {
                 .duration_since(UNIX_EPOCH + std::time::Duration::from_secs(s.last_success_unix))
                 .map(|d| humantime::format_duration(std::time::Duration::from_secs(d.as_secs())).to_string())
                 .unwrap_or_else(|_| "just now".into());
-            let _ = writeln!(w, "\nsecrets: {} from {}, last refreshed {ago} ago ({} ok, {} failed)", s.count, s.source, s.refresh_ok, s.refresh_error);
+            let _ = writeln!(
+                w,
+                "\nsecrets: {} from {}, last refreshed {ago} ago ({} ok, {} failed)",
+                s.count, s.source, s.refresh_ok, s.refresh_error
+            );
             if let Some(e) = &s.last_error {
                 let _ = writeln!(w, "  last refresh FAILED: {e}");
             }
@@ -301,12 +319,21 @@ pub fn render(r: &StatusReport) -> String {
     if let Some(tls) = &r.tls {
         match tls.get("certificate").filter(|c| !c.is_null()) {
             Some(c) => {
-                let names = c["names"].as_array().map(|n| n.iter().filter_map(|x| x.as_str()).collect::<Vec<_>>().join(", ")).unwrap_or_default();
+                let names = c["names"]
+                    .as_array()
+                    .map(|n| n.iter().filter_map(|x| x.as_str()).collect::<Vec<_>>().join(", "))
+                    .unwrap_or_default();
                 let left = c["not_after"].as_u64().map(|t| {
                     let now = SystemTime::now().duration_since(UNIX_EPOCH).map(|d| d.as_secs()).unwrap_or(0);
                     format!("{}d", t.saturating_sub(now) / 86400)
                 });
-                let _ = writeln!(w, "  certificate: {names}, serial {}, from {}, expires in {}", c["serial"].as_str().unwrap_or("?"), c["source"].as_str().unwrap_or("?"), left.unwrap_or_else(|| "?".into()));
+                let _ = writeln!(
+                    w,
+                    "  certificate: {names}, serial {}, from {}, expires in {}",
+                    c["serial"].as_str().unwrap_or("?"),
+                    c["source"].as_str().unwrap_or("?"),
+                    left.unwrap_or_else(|| "?".into())
+                );
             }
             None => {
                 let _ = writeln!(w, "  certificate: self-signed (no ACME or file certificate installed)");

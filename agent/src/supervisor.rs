@@ -18,12 +18,10 @@ use anyhow::{anyhow, Context};
 use berth_proxy::health::Health;
 use berth_proxy::routes::Router;
 use bollard::auth::DockerCredentials;
-use bollard::models::{
-    ContainerCreateBody, ContainerInspectResponse, HostConfig, HostConfigLogConfig, PortBinding,
-};
+use bollard::models::{ContainerCreateBody, ContainerInspectResponse, HostConfig, HostConfigLogConfig, PortBinding};
 use bollard::query_parameters::{
-    CreateContainerOptions, CreateImageOptions, EventsOptions, InspectContainerOptions,
-    ListContainersOptions, RemoveContainerOptions, StartContainerOptions, StopContainerOptions,
+    CreateContainerOptions, CreateImageOptions, EventsOptions, InspectContainerOptions, ListContainersOptions,
+    RemoveContainerOptions, StartContainerOptions, StopContainerOptions,
 };
 use bollard::Docker;
 use futures_util::StreamExt;
@@ -103,30 +101,19 @@ impl Supervisor {
 
     /// `berth deploy`: roll out `app` (optionally another image) and wait for the outcome.
     pub async fn deploy(&self, app: &str, image: Option<String>) -> Result<String, String> {
-        let tx = self
-            .apps
-            .lock()
-            .unwrap()
-            .get(app)
-            .cloned()
-            .ok_or_else(|| format!("no app named {app}"))?;
+        let tx = self.apps.lock().unwrap().get(app).cloned().ok_or_else(|| format!("no app named {app}"))?;
         let (reply, rx) = oneshot::channel();
         tx.send(AppCommand::Deploy(DeployRequest { image, reply }))
             .await
             .map_err(|_| "the app's supervisor is not running".to_string())?;
-        rx.await
-            .map_err(|_| "the rollout was interrupted (berth stopping?)".to_string())?
+        rx.await.map_err(|_| "the rollout was interrupted (berth stopping?)".to_string())?
     }
 
     /// Applies a reloaded `[apps]`: new apps start, changed ones roll out, removed ones are
     /// retired (their containers keep running, untouched, as for any unknown app).
     pub fn apply(&self, apps: &BTreeMap<String, AppConfig>) {
         let mut running = self.apps.lock().unwrap();
-        let gone: Vec<String> = running
-            .keys()
-            .filter(|n| !apps.contains_key(*n))
-            .cloned()
-            .collect();
+        let gone: Vec<String> = running.keys().filter(|n| !apps.contains_key(*n)).cloned().collect();
         for name in gone {
             if let Some(tx) = running.remove(&name) {
                 let _ = tx.try_send(AppCommand::Retire);
@@ -149,11 +136,7 @@ impl Supervisor {
         let (tx, rx) = mpsc::channel(4);
         self.shared.status.lock().unwrap().insert(
             name.to_string(),
-            AppStatus {
-                state: "starting".into(),
-                image: config.image.clone(),
-                ..Default::default()
-            },
+            AppStatus { state: "starting".into(), image: config.image.clone(), ..Default::default() },
         );
         self.shared.health.set(name, Some("starting".into()));
         let task = AppTask {
@@ -221,18 +204,11 @@ pub async fn connect(shutdown: &CancellationToken, mut report: impl FnMut(&str))
 
 /// `berth check --online`: is the Docker Engine there, and which version?
 pub async fn online_check() -> anyhow::Result<String> {
+    let docker = Docker::connect_with_local_defaults().context("docker: connecting to the local Engine")?;
     let docker =
-        Docker::connect_with_local_defaults().context("docker: connecting to the local Engine")?;
-    let docker = docker
-        .negotiate_version()
-        .await
-        .context("docker: the Engine does not answer (is docker.service running?)")?;
+        docker.negotiate_version().await.context("docker: the Engine does not answer (is docker.service running?)")?;
     let v = docker.version().await.context("docker: version")?;
-    Ok(format!(
-        "docker: Engine {} (API {}) answers",
-        v.version.unwrap_or_default(),
-        v.api_version.unwrap_or_default()
-    ))
+    Ok(format!("docker: Engine {} (API {}) answers", v.version.unwrap_or_default(), v.api_version.unwrap_or_default()))
 }
 
 /// At start, before the secrets are fetched (which the config hash needs): routes each app
@@ -279,23 +255,9 @@ pub fn start(
 ) -> Arc<Supervisor> {
     let (events, _) = broadcast::channel(256);
     let (down_tx, docker_down) = watch::channel(None);
-    tokio::spawn(watch_events(
-        shared.docker.clone(),
-        events.clone(),
-        down_tx,
-        shared.shutdown.clone(),
-    ));
-    tokio::spawn(log_foreign_containers(
-        shared.docker.clone(),
-        apps.keys().cloned().collect(),
-    ));
-    let supervisor = Arc::new(Supervisor {
-        shared,
-        events,
-        docker_down,
-        secrets,
-        apps: Mutex::new(BTreeMap::new()),
-    });
+    tokio::spawn(watch_events(shared.docker.clone(), events.clone(), down_tx, shared.shutdown.clone()));
+    tokio::spawn(log_foreign_containers(shared.docker.clone(), apps.keys().cloned().collect()));
+    let supervisor = Arc::new(Supervisor { shared, events, docker_down, secrets, apps: Mutex::new(BTreeMap::new()) });
     supervisor.apply(apps);
     supervisor
 }
@@ -329,16 +291,9 @@ async fn watch_events(
             ("type".to_string(), vec!["container".to_string()]),
             ("label".to_string(), vec![LABEL_APP.to_string()]),
         ]);
-        let mut stream = docker.events(Some(EventsOptions {
-            filters: Some(filters),
-            ..Default::default()
-        }));
+        let mut stream = docker.events(Some(EventsOptions { filters: Some(filters), ..Default::default() }));
         if !first {
-            let _ = tx.send(ContainerEvent {
-                id: String::new(),
-                action: RESYNC.into(),
-                exit_code: None,
-            });
+            let _ = tx.send(ContainerEvent { id: String::new(), action: RESYNC.into(), exit_code: None });
         }
         first = false;
         let broke = loop {
@@ -424,10 +379,7 @@ async fn log_foreign_containers(docker: Docker, ours: Vec<String>) {
     let Ok(list) = docker
         .list_containers(Some(ListContainersOptions {
             all: true,
-            filters: Some(HashMap::from([(
-                "label".to_string(),
-                vec![LABEL_APP.to_string()],
-            )])),
+            filters: Some(HashMap::from([("label".to_string(), vec![LABEL_APP.to_string()])])),
             ..Default::default()
         }))
         .await
@@ -435,12 +387,7 @@ async fn log_foreign_containers(docker: Docker, ours: Vec<String>) {
         return;
     };
     for c in list {
-        let app = c
-            .labels
-            .as_ref()
-            .and_then(|l| l.get(LABEL_APP))
-            .cloned()
-            .unwrap_or_default();
+        let app = c.labels.as_ref().and_then(|l| l.get(LABEL_APP)).cloned().unwrap_or_default();
         if !ours.contains(&app) {
             tracing::warn!(
                 app,
@@ -483,10 +430,7 @@ const ENGINE_STOP_GRACE: Duration = Duration::from_secs(60);
 
 impl AppTask {
     async fn run(mut self) {
-        let mut crash_backoff = Backoff::new(
-            self.config.restart.initial_backoff.0,
-            self.config.restart.max_backoff.0,
-        );
+        let mut crash_backoff = Backoff::new(self.config.restart.initial_backoff.0, self.config.restart.max_backoff.0);
         let mut healthy_since: Option<Instant> = None;
 
         // Adopt what is already running, or roll out.
@@ -502,8 +446,7 @@ impl AppTask {
         } else {
             self.config.watch_image.0
         };
-        let mut watch =
-            tokio::time::interval_at(tokio::time::Instant::now() + watch_every, watch_every);
+        let mut watch = tokio::time::interval_at(tokio::time::Instant::now() + watch_every, watch_every);
         watch.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         let mut tick = tokio::time::interval(self.config.health.interval.0);
         tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
@@ -596,10 +539,7 @@ impl AppTask {
             .docker
             .list_containers(Some(ListContainersOptions {
                 all: true,
-                filters: Some(HashMap::from([(
-                    "label".to_string(),
-                    vec![format!("{LABEL_APP}={}", self.name)],
-                )])),
+                filters: Some(HashMap::from([("label".to_string(), vec![format!("{LABEL_APP}={}", self.name)])])),
                 ..Default::default()
             }))
             .await
@@ -607,12 +547,7 @@ impl AppTask {
         let mut stale = Vec::new();
         for c in list {
             let id = c.id.clone().unwrap_or_default();
-            let hash = c
-                .labels
-                .as_ref()
-                .and_then(|l| l.get(LABEL_HASH))
-                .cloned()
-                .unwrap_or_default();
+            let hash = c.labels.as_ref().and_then(|l| l.get(LABEL_HASH)).cloned().unwrap_or_default();
             let running = c.state.map(|s| s.to_string() == "running").unwrap_or(false);
             if running && self.current.is_none() {
                 let info = self.inspect(&id).await?;
@@ -650,11 +585,7 @@ impl AppTask {
 
     /// New container on a new loopback port; wait healthy; switch; drain; stop the old one.
     /// If the new one never gets healthy it is removed and the old one keeps serving.
-    async fn rollout(
-        &mut self,
-        image: Option<String>,
-        force_pull: bool,
-    ) -> anyhow::Result<Running> {
+    async fn rollout(&mut self, image: Option<String>, force_pull: bool) -> anyhow::Result<Running> {
         let started = Instant::now();
         let image_ref = image.clone().unwrap_or_else(|| self.config.image.clone());
         self.set_state(&format!("rolling out {image_ref}"), self.current.is_some());
@@ -667,19 +598,13 @@ impl AppTask {
             if let Some(old) = &self.current {
                 tracing::error!(app = %self.name, container_id = %short(&new.id), "new container never became healthy; keeping the old one");
                 self.remove(&new.id, true).await;
-                self.set_state(
-                    &format!("rollout of {image_ref} failed: never healthy"),
-                    true,
-                );
+                self.set_state(&format!("rollout of {image_ref} failed: never healthy"), true);
                 self.serve_from(old.addr);
             } else {
                 // Nothing else to serve from: keep this container and supervise it like any
                 // other, so a crash loop is restarted with backoff and visible in status.
                 tracing::error!(app = %self.name, container_id = %short(&new.id), "container is not healthy; supervising it until it is");
-                self.shared.health.set(
-                    &self.name,
-                    Some("unhealthy: not passing health checks".into()),
-                );
+                self.shared.health.set(&self.name, Some("unhealthy: not passing health checks".into()));
                 self.set_state(&format!("{image_ref} is not healthy"), false);
                 self.current = Some(new);
             }
@@ -757,11 +682,7 @@ impl AppTask {
     }
 
     /// One pull, progress to the debug log; the first error ends it.
-    async fn pull(
-        &self,
-        image: &str,
-        credentials: Option<DockerCredentials>,
-    ) -> Result<(), bollard::errors::Error> {
+    async fn pull(&self, image: &str, credentials: Option<DockerCredentials>) -> Result<(), bollard::errors::Error> {
         let (repo, tag) = split_image(image);
         let mut stream = self.shared.docker.create_image(
             Some(CreateImageOptions {
@@ -797,15 +718,20 @@ impl AppTask {
                 Ok(Some(creds))
             }
             RegistryAuth::Basic { username, password } => {
-                let ssm = self.shared.ssm.as_ref().ok_or_else(|| anyhow!("registry_auth needs SSM, but no AWS client is configured"))?;
-                let out = ssm
-                    .get_parameters()
-                    .names(username)
-                    .names(password)
-                    .with_decryption(true)
-                    .send()
-                    .await
-                    .map_err(|e| anyhow!("reading registry credentials {username} and {password} from SSM: {}", aws_sdk_ssm::error::DisplayErrorContext(&e)))?;
+                let ssm = self
+                    .shared
+                    .ssm
+                    .as_ref()
+                    .ok_or_else(|| anyhow!("registry_auth needs SSM, but no AWS client is configured"))?;
+                let out =
+                    ssm.get_parameters().names(username).names(password).with_decryption(true).send().await.map_err(
+                        |e| {
+                            anyhow!(
+                                "reading registry credentials {username} and {password} from SSM: {}",
+                                aws_sdk_ssm::error::DisplayErrorContext(&e)
+                            )
+                        },
+                    )?;
                 let value = |name: &str| {
                     out.parameters()
                         .iter()
@@ -838,11 +764,8 @@ impl AppTask {
             return Ok(false);
         };
         let local = self.shared.docker.inspect_image(image).await.ok();
-        let known = local
-            .and_then(|i| i.repo_digests)
-            .unwrap_or_default()
-            .iter()
-            .any(|d| d.ends_with(&format!("@{digest}")));
+        let known =
+            local.and_then(|i| i.repo_digests).unwrap_or_default().iter().any(|d| d.ends_with(&format!("@{digest}")));
         Ok(!known)
     }
 
@@ -853,10 +776,7 @@ impl AppTask {
         // process between our choosing a port and Docker binding it.
         let bindings = HashMap::from([(
             port_key.clone(),
-            Some(vec![PortBinding {
-                host_ip: Some("127.0.0.1".into()),
-                host_port: Some(String::new()),
-            }]),
+            Some(vec![PortBinding { host_ip: Some("127.0.0.1".into()), host_port: Some(String::new()) }]),
         )]);
         // The journald driver needs journald on *Docker's* host, and berth sees only its own
         // (they differ when berth runs in a container, or Docker on another host). Docker
@@ -865,10 +785,7 @@ impl AppTask {
         loop {
             let log_config = use_journald.then(|| HostConfigLogConfig {
                 typ: Some("journald".into()),
-                config: Some(HashMap::from([(
-                    "tag".to_string(),
-                    format!("berth-{}", self.name),
-                )])),
+                config: Some(HashMap::from([("tag".to_string(), format!("berth-{}", self.name))])),
             });
             let body = ContainerCreateBody {
                 image: Some(image.to_string()),
@@ -884,11 +801,7 @@ impl AppTask {
                     // PID 1 in a container ignores SIGTERM unless it installs a handler; an init
                     // forwards it, so `stop_timeout` is a limit, not the usual wait.
                     init: Some(true),
-                    memory: self
-                        .config
-                        .memory
-                        .as_deref()
-                        .and_then(|m| parse_memory(m).ok()),
+                    memory: self.config.memory.as_deref().and_then(|m| parse_memory(m).ok()),
                     nano_cpus: self.config.cpus.map(|c| (c * 1e9) as i64),
                     log_config,
                     ..Default::default()
@@ -899,21 +812,10 @@ impl AppTask {
             let created = self
                 .shared
                 .docker
-                .create_container(
-                    Some(CreateContainerOptions {
-                        name: Some(name),
-                        ..Default::default()
-                    }),
-                    body,
-                )
+                .create_container(Some(CreateContainerOptions { name: Some(name), ..Default::default() }), body)
                 .await
                 .with_context(|| format!("creating a container from {image}"))?;
-            if let Err(e) = self
-                .shared
-                .docker
-                .start_container(&created.id, None::<StartContainerOptions>)
-                .await
-            {
+            if let Err(e) = self.shared.docker.start_container(&created.id, None::<StartContainerOptions>).await {
                 self.remove(&created.id, true).await;
                 if use_journald && e.to_string().contains("logging driver") {
                     JOURNALD_REFUSED.store(true, Ordering::Relaxed);
@@ -932,17 +834,10 @@ impl AppTask {
                 None if !running => SocketAddr::from(([127, 0, 0, 1], 0)),
                 None => {
                     self.remove(&created.id, true).await;
-                    return Err(anyhow!(
-                        "container {} has no published port",
-                        short(&created.id)
-                    ));
+                    return Err(anyhow!("container {} has no published port", short(&created.id)));
                 }
             };
-            return Ok(Running {
-                id: created.id,
-                addr,
-                hash: hash.to_string(),
-            });
+            return Ok(Running { id: created.id, addr, hash: hash.to_string() });
         }
     }
 
@@ -951,17 +846,9 @@ impl AppTask {
     fn container_env(&self) -> anyhow::Result<Vec<String>> {
         let secrets = self.secrets.borrow().clone();
         let selected = secrets.select(&self.config.secrets).map_err(|missing| {
-            anyhow!(
-                "secrets {} are selected for this app but were not fetched",
-                missing.join(", ")
-            )
+            anyhow!("secrets {} are selected for this app but were not fetched", missing.join(", "))
         })?;
-        let mut env: Vec<String> = self
-            .config
-            .env
-            .iter()
-            .map(|(k, v)| format!("{k}={v}"))
-            .collect();
+        let mut env: Vec<String> = self.config.env.iter().map(|(k, v)| format!("{k}={v}")).collect();
         for (name, value) in selected {
             env.push(format!("{name}={}", value.expose()));
         }
@@ -1047,11 +934,7 @@ impl AppTask {
 
     async fn probe_once(&self, addr: SocketAddr, id: &str) -> bool {
         match &self.config.health.path {
-            Some(path) => {
-                self.probe
-                    .get(addr, path, self.config.health.timeout.0)
-                    .await
-            }
+            Some(path) => self.probe.get(addr, path, self.config.health.timeout.0).await,
             None => self.is_running(id).await,
         }
     }
@@ -1098,11 +981,7 @@ impl AppTask {
             self.liveness(&cur.id).await
         };
         if liveness == Liveness::NotRunning {
-            let ev = ContainerEvent {
-                id: cur.id.clone(),
-                action: "die".into(),
-                exit_code: None,
-            };
+            let ev = ContainerEvent { id: cur.id.clone(), action: "die".into(), exit_code: None };
             self.on_crash(&ev, backoff, healthy_since).await;
             return;
         }
@@ -1110,11 +989,7 @@ impl AppTask {
             // "Running" is the only health there is, and Docker cannot say: keep the verdict.
             (None, Liveness::Unknown) => return,
             (None, _) => true,
-            (Some(path), _) => {
-                self.probe
-                    .get(cur.addr, path, self.config.health.timeout.0)
-                    .await
-            }
+            (Some(path), _) => self.probe.get(cur.addr, path, self.config.health.timeout.0).await,
         };
         let verdict = self.probe.record(passed, &self.config.health);
         match verdict {
@@ -1129,9 +1004,7 @@ impl AppTask {
                 if self.shared.router.backend(&self.name).is_some() {
                     tracing::warn!(app = %self.name, container_id = %short(&cur.id), "health checks failing; taking the app out of routing");
                     self.shared.router.set_backend(&self.name, None);
-                    self.shared
-                        .health
-                        .set(&self.name, Some("unhealthy: health checks failing".into()));
+                    self.shared.health.set(&self.name, Some("unhealthy: health checks failing".into()));
                     self.set_state("unhealthy", false);
                 }
             }
@@ -1180,12 +1053,7 @@ impl AppTask {
             s.last_exit = Some("stopped by the Docker Engine's restart".into());
         }
         tracing::warn!(app = %self.name, container_id = %short(&cur.id), "the Docker restart stopped the container; starting it again");
-        match self
-            .shared
-            .docker
-            .start_container(&cur.id, None::<StartContainerOptions>)
-            .await
-        {
+        match self.shared.docker.start_container(&cur.id, None::<StartContainerOptions>).await {
             Ok(()) => {
                 if let Ok(info) = self.inspect(&cur.id).await {
                     self.refresh_addr(&info);
@@ -1215,12 +1083,7 @@ impl AppTask {
         }
     }
 
-    async fn on_crash(
-        &mut self,
-        ev: &ContainerEvent,
-        backoff: &mut Backoff,
-        healthy_since: &mut Option<Instant>,
-    ) {
+    async fn on_crash(&mut self, ev: &ContainerEvent, backoff: &mut Backoff, healthy_since: &mut Option<Instant>) {
         let Some(cur) = self.current.clone() else {
             return;
         };
@@ -1249,11 +1112,8 @@ impl AppTask {
         }
         *healthy_since = None;
         self.shared.router.set_backend(&self.name, None);
-        let exit_code = state
-            .as_ref()
-            .and_then(|s| s.exit_code)
-            .map(|c| c.to_string())
-            .or_else(|| ev.exit_code.clone());
+        let exit_code =
+            state.as_ref().and_then(|s| s.exit_code).map(|c| c.to_string()).or_else(|| ev.exit_code.clone());
         let oom = state.as_ref().and_then(|s| s.oom_killed).unwrap_or(false) || ev.action == "oom";
         let wait = backoff.next_delay();
         let restarts = {
@@ -1276,27 +1136,13 @@ impl AppTask {
             restart_in_ms = wait.as_millis() as u64,
             "container stopped; restarting after backoff"
         );
-        self.shared.health.set(
-            &self.name,
-            Some(format!(
-                "restarting (exit {})",
-                exit_code.as_deref().unwrap_or("?")
-            )),
-        );
-        self.set_state(
-            &format!("crashed; restarting in {:.1}s", wait.as_secs_f64()),
-            false,
-        );
+        self.shared.health.set(&self.name, Some(format!("restarting (exit {})", exit_code.as_deref().unwrap_or("?"))));
+        self.set_state(&format!("crashed; restarting in {:.1}s", wait.as_secs_f64()), false);
         tokio::select! {
             _ = tokio::time::sleep(wait) => {}
             _ = self.shared.shutdown.cancelled() => return,
         }
-        match self
-            .shared
-            .docker
-            .start_container(&cur.id, None::<StartContainerOptions>)
-            .await
-        {
+        match self.shared.docker.start_container(&cur.id, None::<StartContainerOptions>).await {
             Ok(()) => {
                 tracing::info!(app = %self.name, container_id = %short(&cur.id), "container restarted");
                 // The published port can change across a restart.
@@ -1347,17 +1193,8 @@ impl AppTask {
     async fn remove(&self, id: &str, force: bool) {
         if !force {
             let t = self.config.stop_timeout.0.as_secs() as i32;
-            if let Err(e) = self
-                .shared
-                .docker
-                .stop_container(
-                    id,
-                    Some(StopContainerOptions {
-                        t: Some(t),
-                        signal: None,
-                    }),
-                )
-                .await
+            if let Err(e) =
+                self.shared.docker.stop_container(id, Some(StopContainerOptions { t: Some(t), signal: None })).await
             {
                 tracing::debug!(container_id = %short(id), error = %e, "stop failed");
             }
@@ -1365,13 +1202,7 @@ impl AppTask {
         if let Err(e) = self
             .shared
             .docker
-            .remove_container(
-                id,
-                Some(RemoveContainerOptions {
-                    force: true,
-                    ..Default::default()
-                }),
-            )
+            .remove_container(id, Some(RemoveContainerOptions { force: true, ..Default::default() }))
             .await
         {
             tracing::warn!(app = %self.name, container_id = %short(id), error = %e, "could not remove container");
@@ -1383,11 +1214,7 @@ impl AppTask {
         let s = board.entry(self.name.clone()).or_default();
         s.container_id = info.id.clone();
         s.image_id = info.image.clone();
-        s.image = info
-            .config
-            .as_ref()
-            .and_then(|c| c.image.clone())
-            .unwrap_or_else(|| self.config.image.clone());
+        s.image = info.config.as_ref().and_then(|c| c.image.clone()).unwrap_or_else(|| self.config.image.clone());
         s.port = published_addr(info, self.config.port).map(|a| a.port());
         s.upstream = app_addr(info, self.config.port).map(|a| a.to_string());
     }
@@ -1412,21 +1239,14 @@ impl Probe {
     fn new() -> Self {
         let mut connector = HttpConnector::new();
         connector.set_connect_timeout(Some(Duration::from_secs(1)));
-        Probe {
-            client: Client::builder(TokioExecutor::new()).build(connector),
-            ok: 0,
-            failed: 0,
-            healthy: None,
-        }
+        Probe { client: Client::builder(TokioExecutor::new()).build(connector), ok: 0, failed: 0, healthy: None }
     }
 
     async fn get(&self, addr: SocketAddr, path: &str, timeout: Duration) -> bool {
         let Ok(uri) = format!("http://{addr}{path}").parse::<http::Uri>() else {
             return false;
         };
-        let req = http::Request::get(uri)
-            .header(http::header::USER_AGENT, "berth-health-check")
-            .body(Empty::new());
+        let req = http::Request::get(uri).header(http::header::USER_AGENT, "berth-health-check").body(Empty::new());
         let Ok(req) = req else { return false };
         match tokio::time::timeout(timeout, self.client.request(req)).await {
             Ok(Ok(resp)) => {
@@ -1472,14 +1292,10 @@ impl Probe {
 /// dockerd, so a Docker restart would cut an app that live-restore keeps running. The
 /// published port stays, for `curl` while debugging.
 fn app_addr(info: &ContainerInspectResponse, port: u16) -> Option<SocketAddr> {
-    let on_network = info
-        .network_settings
-        .as_ref()
-        .and_then(|n| n.networks.as_ref())
-        .and_then(|nets| {
-            let mut ips = nets.values().filter_map(|e| e.ip_address.as_deref()?.parse::<std::net::IpAddr>().ok());
-            ips.next()
-        });
+    let on_network = info.network_settings.as_ref().and_then(|n| n.networks.as_ref()).and_then(|nets| {
+        let mut ips = nets.values().filter_map(|e| e.ip_address.as_deref()?.parse::<std::net::IpAddr>().ok());
+        ips.next()
+    });
     match on_network {
         Some(ip) if published_addr(info, port).is_some() => Some(SocketAddr::new(ip, port)),
         _ => published_addr(info, port),
@@ -1498,9 +1314,7 @@ fn published_addr(info: &ContainerInspectResponse, port: u16) -> Option<SocketAd
 /// The registry part of an image reference (`docker.io` when there is none).
 fn registry_host(image: &str) -> &str {
     match image.split_once('/') {
-        Some((first, _)) if first.contains('.') || first.contains(':') || first == "localhost" => {
-            first
-        }
+        Some((first, _)) if first.contains('.') || first.contains(':') || first == "localhost" => first,
         _ => "docker.io",
     }
 }
@@ -1538,10 +1352,7 @@ impl PullFailure {
             PullFailure::Auth
         } else if m.contains("not found") || m.contains("manifest unknown") || m.contains("404") {
             PullFailure::NotFound
-        } else if m.contains("timeout")
-            || m.contains("connection")
-            || m.contains("dial")
-            || m.contains("no such host")
+        } else if m.contains("timeout") || m.contains("connection") || m.contains("dial") || m.contains("no such host")
         {
             PullFailure::Network
         } else {
@@ -1561,9 +1372,9 @@ impl PullFailure {
                 format!("authentication failed: {registry} refused the credentials; check registry_auth")
             }
             (PullFailure::NotFound, _) => "image not found: check the name and tag".into(),
-            (PullFailure::Network, _) => format!(
-                "network: the registry {registry} is unreachable (NAT gateway or VPC endpoints for ECR?)"
-            ),
+            (PullFailure::Network, _) => {
+                format!("network: the registry {registry} is unreachable (NAT gateway or VPC endpoints for ECR?)")
+            }
             (PullFailure::Other, _) => "registry error".into(),
         }
     }
@@ -1578,10 +1389,7 @@ fn journald_available() -> bool {
 }
 
 fn unique_suffix() -> String {
-    let nanos = SystemTime::now()
-        .duration_since(SystemTime::UNIX_EPOCH)
-        .map(|d| d.as_nanos())
-        .unwrap_or(0);
+    let nanos = SystemTime::now().duration_since(SystemTime::UNIX_EPOCH).map(|d| d.as_nanos()).unwrap_or(0);
     format!("{:x}", nanos & 0xffff_ffff_ffff)
 }
 
@@ -1600,14 +1408,8 @@ mod tests {
     #[test]
     fn image_references_split() {
         assert_eq!(split_image("web:1.2"), ("web", "1.2"));
-        assert_eq!(
-            split_image("registry:5000/web"),
-            ("registry:5000/web", "latest")
-        );
-        assert_eq!(
-            split_image("registry:5000/web:2"),
-            ("registry:5000/web", "2")
-        );
+        assert_eq!(split_image("registry:5000/web"), ("registry:5000/web", "latest"));
+        assert_eq!(split_image("registry:5000/web:2"), ("registry:5000/web", "2"));
         assert_eq!(split_image("web@sha256:ab"), ("web", "sha256:ab"));
     }
 

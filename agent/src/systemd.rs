@@ -105,9 +105,7 @@ pub fn activated_listeners() -> anyhow::Result<HashMap<String, std::net::TcpList
         };
         // SAFETY: systemd hands us ownership of these descriptors; each is used once.
         let listener = unsafe { std::net::TcpListener::from_raw_fd(fd) };
-        listener
-            .set_nonblocking(true)
-            .with_context(|| format!("socket-activated descriptor {fd} ({name})"))?;
+        listener.set_nonblocking(true).with_context(|| format!("socket-activated descriptor {fd} ({name})"))?;
         listener
             .local_addr()
             .with_context(|| format!("socket-activated descriptor {fd} ({name}) is not a TCP listener"))?;

@@ -111,11 +111,7 @@ async fn main() {
         let routes = args
             .routes
             .iter()
-            .map(|(host, prefix)| Route {
-                host: host.clone(),
-                prefix: prefix.clone(),
-                app: "app".into(),
-            })
+            .map(|(host, prefix)| Route { host: host.clone(), prefix: prefix.clone(), app: "app".into() })
             .collect();
         router.set_routes(RouteTable::new(routes, None));
     }

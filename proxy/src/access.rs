@@ -32,9 +32,14 @@ pub struct AccessPolicy {
 pub enum Decision {
     Allow,
     /// 403: the address is not allowed; credentials would not help.
-    Forbidden { client: IpAddr },
+    Forbidden {
+        client: IpAddr,
+    },
     /// 401: credentials are required and were missing or wrong.
-    Unauthorized { client: IpAddr, basic: bool },
+    Unauthorized {
+        client: IpAddr,
+        basic: bool,
+    },
 }
 
 impl AccessPolicy {
@@ -74,11 +79,7 @@ impl AccessPolicy {
             .filter_map(|a| a.trim().parse::<IpAddr>().ok())
             .map(|a| a.to_canonical())
             .collect();
-        hops.iter()
-            .rev()
-            .find(|a| !self.trusted_proxies.iter().any(|n| n.contains(*a)))
-            .copied()
-            .unwrap_or(peer)
+        hops.iter().rev().find(|a| !self.trusted_proxies.iter().any(|n| n.contains(*a))).copied().unwrap_or(peer)
     }
 
     /// Compares every configured credential in constant time and never stops early, so the
@@ -111,7 +112,8 @@ impl AccessPolicy {
 }
 
 fn strip_scheme<'a>(value: &'a [u8], scheme: &[u8]) -> Option<&'a [u8]> {
-    (value.len() > scheme.len() && value[..scheme.len()].eq_ignore_ascii_case(scheme)).then(|| value[scheme.len()..].trim_ascii())
+    (value.len() > scheme.len() && value[..scheme.len()].eq_ignore_ascii_case(scheme))
+        .then(|| value[scheme.len()..].trim_ascii())
 }
 
 #[cfg(test)]

@@ -53,20 +53,14 @@ impl ChallengeResponder {
         if let Some(ka) = self.tokens.load().get(token) {
             return Some(ka.clone());
         }
-        self.thumbprint
-            .load()
-            .as_ref()
-            .map(|thumb| format!("{token}.{thumb}"))
+        self.thumbprint.load().as_ref().map(|thumb| format!("{token}.{thumb}"))
     }
 }
 
 /// RFC 8555 §8.3: a token is base64url without padding; Let's Encrypt's are 43 characters.
 /// Anything else is a probe and must not be echoed back.
 pub fn is_well_formed_token(token: &str) -> bool {
-    (16..=128).contains(&token.len())
-        && token
-            .bytes()
-            .all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'_')
+    (16..=128).contains(&token.len()) && token.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'_')
 }
 
 #[cfg(test)]

@@ -99,10 +99,7 @@ impl Forwarder {
         set_forwarded(&mut parts.headers, conn);
 
         let upstream_req = Request::from_parts(parts, body);
-        let timeouts = PoolTimeouts {
-            connect: self.limits.connect_timeout,
-            idle: self.limits.pool_idle_timeout,
-        };
+        let timeouts = PoolTimeouts { connect: self.limits.connect_timeout, idle: self.limits.pool_idle_timeout };
         let pool = &in_flight.backend().conns;
         let sent = pool.send(upstream, upstream_req, timeouts, upgrade.is_some());
         let mut resp = match tokio::time::timeout(self.limits.response_timeout, sent).await {
@@ -264,10 +261,7 @@ fn set_forwarded(headers: &mut HeaderMap, conn: &ConnInfo) {
     if let Some(v) = xff {
         headers.insert(X_FORWARDED_FOR, v);
     }
-    headers.insert(
-        X_FORWARDED_PROTO,
-        HeaderValue::from_static(if conn.tls { "https" } else { "http" }),
-    );
+    headers.insert(X_FORWARDED_PROTO, HeaderValue::from_static(if conn.tls { "https" } else { "http" }));
     if let Some(host) = headers.get(header::HOST).cloned() {
         headers.insert(X_FORWARDED_HOST, host);
     }

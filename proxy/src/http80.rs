@@ -1,8 +1,8 @@
 //! The `:80` server: ACME HTTP-01 answers, the health path, and a redirect to https for
 //! everything else. It never proxies: plain HTTP stays outside the app.
 
-use hyper::body::Incoming;
 use http::{header, Response, StatusCode};
+use hyper::body::Incoming;
 
 use crate::challenge::ChallengeResponder;
 use crate::health::Health;
@@ -49,12 +49,7 @@ impl PlainHttp {
             .uri()
             .host()
             .map(str::to_owned)
-            .or_else(|| {
-                req.headers()
-                    .get(header::HOST)
-                    .and_then(|h| h.to_str().ok())
-                    .map(|h| strip_port(h).to_owned())
-            })
+            .or_else(|| req.headers().get(header::HOST).and_then(|h| h.to_str().ok()).map(|h| strip_port(h).to_owned()))
             .filter(|h| !h.is_empty() && h.bytes().all(|b| b.is_ascii_alphanumeric() || b"-.[]:".contains(&b)));
         let Some(host) = host else {
             return text_response(StatusCode::BAD_REQUEST, "missing or invalid Host header");

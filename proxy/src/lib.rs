@@ -37,9 +37,6 @@ pub fn full_body(data: impl Into<bytes::Bytes>) -> Body {
 pub fn text_response(status: http::StatusCode, text: &str) -> http::Response<Body> {
     let mut resp = http::Response::new(full_body(format!("{text}\n")));
     *resp.status_mut() = status;
-    resp.headers_mut().insert(
-        http::header::CONTENT_TYPE,
-        http::HeaderValue::from_static("text/plain; charset=utf-8"),
-    );
+    resp.headers_mut().insert(http::header::CONTENT_TYPE, http::HeaderValue::from_static("text/plain; charset=utf-8"));
     resp
 }

@@ -38,9 +38,7 @@ impl Default for Liveness {
 impl Liveness {
     /// Hearts added to this set beat every `interval`.
     pub fn new(interval: Duration) -> Self {
-        Liveness {
-            inner: Arc::new(Inner { origin: Instant::now(), interval, hearts: Mutex::new(Vec::new()) }),
-        }
+        Liveness { inner: Arc::new(Inner { origin: Instant::now(), interval, hearts: Mutex::new(Vec::new()) }) }
     }
 
     pub fn interval(&self) -> Duration {

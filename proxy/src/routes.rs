@@ -199,19 +199,12 @@ mod tests {
     use super::*;
 
     fn route(host: &str, prefix: &str, app: &str) -> Route {
-        Route {
-            host: host.into(),
-            prefix: prefix.into(),
-            app: app.into(),
-        }
+        Route { host: host.into(), prefix: prefix.into(), app: app.into() }
     }
 
     #[test]
     fn longest_prefix_wins_and_unknown_hosts_fall_to_catch_all() {
-        let t = RouteTable::new(
-            vec![route("example.com", "/", "web"), route("example.com", "/api/", "api")],
-            None,
-        );
+        let t = RouteTable::new(vec![route("example.com", "/", "web"), route("example.com", "/api/", "api")], None);
         assert_eq!(t.lookup("example.com", "/api/users").map(|a| &**a), Some("api"));
         assert_eq!(t.lookup("EXAMPLE.com", "/apix").map(|a| &**a), Some("web"));
         assert_eq!(t.lookup("other.com", "/"), None);

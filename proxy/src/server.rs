@@ -281,10 +281,8 @@ async fn serve_with_permits<H: Handler>(
             } else {
                 (Either::Left(io), None)
             };
-            let mut conn = Served {
-                conn: Box::pin(builder.serve_connection_with_upgrades(TokioIo::new(io), service)),
-                flusher,
-            };
+            let mut conn =
+                Served { conn: Box::pin(builder.serve_connection_with_upgrades(TokioIo::new(io), service)), flusher };
             // On shutdown, ask the connection to finish in-flight requests (HTTP/1.1 closes
             // after the current response, HTTP/2 sends GOAWAY) and wait for that. A
             // connection that has not delivered its first request yet gets a short grace
@@ -333,7 +331,9 @@ async fn serve_with_permits<H: Handler>(
     let drained = tokio::time::timeout(drain, tasks.wait()).await;
     match drained {
         Ok(()) => tracing::debug!(%local, "listener drained"),
-        Err(_) => tracing::warn!(%local, remaining = tasks.len(), "drain deadline reached; closing remaining connections"),
+        Err(_) => {
+            tracing::warn!(%local, remaining = tasks.len(), "drain deadline reached; closing remaining connections")
+        }
     }
 }
 
@@ -380,11 +380,7 @@ struct SniffDeadline<I> {
 
 impl<I> SniffDeadline<I> {
     fn new(io: I, timeout: Duration) -> Self {
-        SniffDeadline {
-            io,
-            deadline: Some(Box::pin(tokio::time::sleep(timeout))),
-            matched: 0,
-        }
+        SniffDeadline { io, deadline: Some(Box::pin(tokio::time::sleep(timeout))), matched: 0 }
     }
 }
 

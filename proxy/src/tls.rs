@@ -66,10 +66,7 @@ impl CertStore {
             for n in names {
                 by_name.insert(n.to_ascii_lowercase(), cert.clone());
             }
-            CertSet {
-                by_name,
-                default: Some(cert.clone()),
-            }
+            CertSet { by_name, default: Some(cert.clone()) }
         });
     }
 
@@ -78,7 +75,12 @@ impl CertStore {
     pub fn retain(&self, names: &[String]) {
         let keep: Vec<String> = names.iter().map(|n| n.to_ascii_lowercase()).collect();
         self.current.rcu(|old| CertSet {
-            by_name: old.by_name.iter().filter(|(n, _)| keep.contains(n)).map(|(n, c)| (n.clone(), c.clone())).collect(),
+            by_name: old
+                .by_name
+                .iter()
+                .filter(|(n, _)| keep.contains(n))
+                .map(|(n, c)| (n.clone(), c.clone()))
+                .collect(),
             default: old.default.clone(),
         });
     }
@@ -160,16 +162,11 @@ pub fn self_signed(names: &[String]) -> Result<SelfSigned, TlsError> {
     let key_pair = rcgen::KeyPair::generate_for(&rcgen::PKCS_ECDSA_P256_SHA256)?;
     let mut params = rcgen::CertificateParams::new(names.clone())?;
     params.distinguished_name = rcgen::DistinguishedName::new();
-    params
-        .distinguished_name
-        .push(rcgen::DnType::CommonName, format!("berth self-signed {}", names[0]));
+    params.distinguished_name.push(rcgen::DnType::CommonName, format!("berth self-signed {}", names[0]));
     let cert = params.self_signed(&key_pair)?;
     let key_der = PrivateKeyDer::try_from(key_pair.serialize_der()).map_err(|e| TlsError::Pem(e.to_string()))?;
     let key = certified_key(vec![cert.der().clone()], key_der)?;
-    Ok(SelfSigned {
-        cert_pem: cert.pem(),
-        key,
-    })
+    Ok(SelfSigned { cert_pem: cert.pem(), key })
 }
 
 #[cfg(test)]
@@ -205,10 +202,7 @@ mod tests {
     #[test]
     fn pem_round_trip() {
         let key_pair = rcgen::KeyPair::generate_for(&rcgen::PKCS_ECDSA_P256_SHA256).unwrap();
-        let cert = rcgen::CertificateParams::new(vec!["x.test".into()])
-            .unwrap()
-            .self_signed(&key_pair)
-            .unwrap();
+        let cert = rcgen::CertificateParams::new(vec!["x.test".into()]).unwrap().self_signed(&key_pair).unwrap();
         assert!(certified_key_from_pem(cert.pem().as_bytes(), key_pair.serialize_pem().as_bytes()).is_ok());
         assert!(matches!(certified_key_from_pem(b"", b""), Err(TlsError::NoCertificate)));
     }

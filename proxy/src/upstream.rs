@@ -377,10 +377,7 @@ impl ConnPool {
         self.open
             .fetch_update(Ordering::SeqCst, Ordering::SeqCst, |n| (n < limit).then_some(n + 1))
             .ok()
-            .map(|_| OpenPlace {
-                open: self.open.clone(),
-                freed: self.freed.clone(),
-            })
+            .map(|_| OpenPlace { open: self.open.clone(), freed: self.freed.clone() })
     }
 
     /// Waits until [`Self::next_connection`] has one: a connection went idle, or one being
@@ -566,7 +563,10 @@ impl HttpBody for PooledBody {
 /// and no body. Cloned only for such requests, before they go out on a reused connection.
 fn replayable_head(req: &Request<Incoming>) -> Option<http::request::Parts> {
     use http::Method;
-    let idempotent = matches!(*req.method(), Method::GET | Method::HEAD | Method::OPTIONS | Method::TRACE | Method::PUT | Method::DELETE);
+    let idempotent = matches!(
+        *req.method(),
+        Method::GET | Method::HEAD | Method::OPTIONS | Method::TRACE | Method::PUT | Method::DELETE
+    );
     if !idempotent || !req.body().is_end_stream() {
         return None;
     }

@@ -48,12 +48,7 @@ struct Batch<I> {
 
 /// Wraps `io`; the flusher must be polled after every poll of the connection that uses it.
 pub fn write_batch<I>(io: I) -> (WriteBatch<I>, BatchFlusher<I>) {
-    let shared = Arc::new(Mutex::new(Batch {
-        io,
-        buf: Vec::new(),
-        written: 0,
-        flush_due: false,
-    }));
+    let shared = Arc::new(Mutex::new(Batch { io, buf: Vec::new(), written: 0, flush_due: false }));
     (WriteBatch { shared: shared.clone() }, BatchFlusher { shared })
 }
 
@@ -133,7 +128,11 @@ impl<I: AsyncWrite + Unpin> AsyncWrite for WriteBatch<I> {
         lock(&self.shared).poll_collect(cx, &[io::IoSlice::new(buf)], buf.len())
     }
 
-    fn poll_write_vectored(self: Pin<&mut Self>, cx: &mut Context<'_>, bufs: &[io::IoSlice<'_>]) -> Poll<io::Result<usize>> {
+    fn poll_write_vectored(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        bufs: &[io::IoSlice<'_>],
+    ) -> Poll<io::Result<usize>> {
         let len = bufs.iter().map(|b| b.len()).sum();
         lock(&self.shared).poll_collect(cx, bufs, len)
     }
@@ -259,10 +258,7 @@ mod tests {
 
     #[tokio::test]
     async fn a_full_socket_keeps_the_batch_until_it_drains() {
-        let (mut io, flusher) = write_batch(Recorder {
-            full: true,
-            ..Recorder::default()
-        });
+        let (mut io, flusher) = write_batch(Recorder { full: true, ..Recorder::default() });
         io.write_all(b"frames").await.unwrap();
         io.flush().await.unwrap();
         end_of_poll(&flusher).await; // the write is refused: kept, still due

@@ -200,13 +200,7 @@ impl Proxy {
             }
             Some((http?, https?))
         });
-        Proxy {
-            proc,
-            http,
-            https,
-            cert,
-            dir,
-        }
+        Proxy { proc, http, https, cert, dir }
     }
 
     fn port(&self) -> u16 {
@@ -450,10 +444,7 @@ fn written_certs_config(cert: &Path, alpn: &[u8]) -> Arc<ClientConfig> {
         .with_safe_default_protocol_versions()
         .unwrap()
         .dangerous()
-        .with_custom_certificate_verifier(Arc::new(WrittenCerts {
-            cert: cert.to_owned(),
-            provider,
-        }))
+        .with_custom_certificate_verifier(Arc::new(WrittenCerts { cert: cert.to_owned(), provider }))
         .with_no_client_auth();
     cfg.alpn_protocols = vec![alpn.to_vec()];
     // Every connection a full handshake, so each one really picks a certificate.
@@ -485,7 +476,8 @@ impl Client {
     async fn connect(addr: SocketAddr, cfg: Arc<ClientConfig>) -> Result<Client, BoxError> {
         let tls = tls_connect(addr, cfg).await?;
         let (_, session) = tls.get_ref();
-        let served = session.peer_certificates().and_then(|c| c.first()).ok_or("no server certificate")?.clone().into_owned();
+        let served =
+            session.peer_certificates().and_then(|c| c.first()).ok_or("no server certificate")?.clone().into_owned();
         let h2 = session.alpn_protocol() == Some(b"h2");
         let io = TokioIo::new(tls);
         let sender = if h2 {
@@ -497,11 +489,7 @@ impl Client {
             tokio::spawn(conn.with_upgrades());
             Sender::H1(s)
         };
-        Ok(Client {
-            sender,
-            authority: format!("{DOMAIN}:{}", addr.port()),
-            served,
-        })
+        Ok(Client { sender, authority: format!("{DOMAIN}:{}", addr.port()), served })
     }
 
     fn is_h2(&self) -> bool {
@@ -512,9 +500,7 @@ impl Client {
     fn request(&self, method: &str, path: &str) -> http::request::Builder {
         match self.sender {
             Sender::H1(_) => Request::builder().method(method).uri(path).header(header::HOST, &self.authority),
-            Sender::H2(_) => Request::builder()
-                .method(method)
-                .uri(format!("https://{}{path}", self.authority)),
+            Sender::H2(_) => Request::builder().method(method).uri(format!("https://{}{path}", self.authority)),
         }
     }
 
@@ -550,10 +536,7 @@ struct Generated {
 
 impl Generated {
     fn new(len: u64) -> Generated {
-        Generated {
-            remaining: len,
-            chunk: Bytes::from((0..64 * 1024).map(|i| (i % 251) as u8).collect::<Vec<u8>>()),
-        }
+        Generated { remaining: len, chunk: Bytes::from((0..64 * 1024).map(|i| (i % 251) as u8).collect::<Vec<u8>>()) }
     }
 }
 
@@ -607,7 +590,8 @@ impl RssSampler {
 }
 
 fn get_json(body: &[u8]) -> serde_json::Map<String, serde_json::Value> {
-    serde_json::from_slice(body).unwrap_or_else(|e| panic!("not a JSON object ({e}): {}", String::from_utf8_lossy(body)))
+    serde_json::from_slice(body)
+        .unwrap_or_else(|e| panic!("not a JSON object ({e}): {}", String::from_utf8_lossy(body)))
 }
 
 fn str_field<'a>(json: &'a serde_json::Map<String, serde_json::Value>, key: &str) -> Option<&'a str> {
@@ -630,22 +614,32 @@ fn headers_are_forwarded_and_hop_by_hop_ones_stripped() {
         &p,
         &[
             "--http1.1",
-            "-H", "Connection: keep-alive, X-Hop-Secret",
-            "-H", "X-Hop-Secret: must-not-reach-the-app",
-            "-H", "Keep-Alive: timeout=5",
-            "-H", "TE: trailers",
-            "-H", "Proxy-Authorization: Basic c2VjcmV0OnNlY3JldA==",
-            "-H", "Proxy-Connection: keep-alive",
-            "-H", "Upgrade: websocket",
-            "-H", "X-Forwarded-For: 203.0.113.7",
-            "-H", "X-End-To-End: kept",
+            "-H",
+            "Connection: keep-alive, X-Hop-Secret",
+            "-H",
+            "X-Hop-Secret: must-not-reach-the-app",
+            "-H",
+            "Keep-Alive: timeout=5",
+            "-H",
+            "TE: trailers",
+            "-H",
+            "Proxy-Authorization: Basic c2VjcmV0OnNlY3JldA==",
+            "-H",
+            "Proxy-Connection: keep-alive",
+            "-H",
+            "Upgrade: websocket",
+            "-H",
+            "X-Forwarded-For: 203.0.113.7",
+            "-H",
+            "X-End-To-End: kept",
         ],
         "/headers?q=1",
         200,
     );
     assert_eq!(c.version, "1.1");
     let h = c.json();
-    for gone in ["connection", "keep-alive", "te", "proxy-authorization", "proxy-connection", "upgrade", "x-hop-secret"] {
+    for gone in ["connection", "keep-alive", "te", "proxy-authorization", "proxy-connection", "upgrade", "x-hop-secret"]
+    {
         assert!(h.get(gone).is_none(), "hop-by-hop header {gone:?} reached the app: {h:?}");
     }
     assert_eq!(str_field(&h, "x-end-to-end"), Some("kept"), "{h:?}");
@@ -746,7 +740,8 @@ async fn hundred_megabytes_stream_both_ways_in_bounded_memory() {
     // Download, HTTP/1.1, Rust client, content checked at every frame boundary.
     let sampler = RssSampler::start(pid);
     let started = Instant::now();
-    let resp = client.send(client.request("GET", &format!("/download?bytes={LEN}")).body(empty()).unwrap()).await.unwrap();
+    let resp =
+        client.send(client.request("GET", &format!("/download?bytes={LEN}")).body(empty()).unwrap()).await.unwrap();
     assert_eq!(resp.status(), StatusCode::OK);
     let mut body = resp.into_body();
     let mut offset: u64 = 0;
@@ -793,7 +788,8 @@ async fn hundred_megabytes_stream_both_ways_in_bounded_memory() {
     // Download over h2, curl.
     let sampler = RssSampler::start(pid);
     let started = Instant::now();
-    let c = tokio::task::block_in_place(|| curl(proxy, &["--http2", "-o", "/dev/null"], &format!("/download?bytes={LEN}")));
+    let c =
+        tokio::task::block_in_place(|| curl(proxy, &["--http2", "-o", "/dev/null"], &format!("/download?bytes={LEN}")));
     assert_eq!(c.exit, 0, "curl failed: {}", c.stderr);
     assert_eq!((c.status, c.version.as_str(), c.size_download), (200, "2", LEN));
     check("download h2 (curl)", sampler, started.elapsed().as_secs_f64());
@@ -843,10 +839,7 @@ async fn websocket_echo_through_the_proxy() {
     }
     ws.close(None).await.unwrap();
     let last = tokio::time::timeout(Duration::from_secs(5), ws.next()).await.expect("no close reply");
-    assert!(
-        matches!(last, Some(Ok(Message::Close(_))) | None),
-        "expected the close handshake, got {last:?}"
-    );
+    assert!(matches!(last, Some(Ok(Message::Close(_))) | None), "expected the close handshake, got {last:?}");
     drop(app);
 }
 
@@ -1109,7 +1102,12 @@ async fn certificate_swaps_under_load_fail_no_request() {
     assert!(failures.is_empty(), "{} failed requests, e.g. {:?}", failures.len(), &failures[..failures.len().min(5)]);
     assert!(ok >= 100, "only {ok} requests in 3 s");
     assert!(written.len() >= 5, "only {} swaps in 3 s at one per 300 ms", written.len() - 1);
-    assert!(served.len() >= 3, "new handshakes saw only {} certificates across {} swaps", served.len(), written.len() - 1);
+    assert!(
+        served.len() >= 3,
+        "new handshakes saw only {} certificates across {} swaps",
+        served.len(),
+        written.len() - 1
+    );
 
     // After a swap, a new handshake gets the new certificate.
     let before = written.last().unwrap().0;
@@ -1210,7 +1208,10 @@ async fn sigterm_lets_in_flight_requests_finish_and_refuses_new_connections() {
         if let Some(status) = p.proc.child.try_wait().unwrap() {
             break status;
         }
-        assert!(term.elapsed() < Duration::from_secs(4), "the proxy has not exited 4 s after SIGTERM (drain deadline 8 s)");
+        assert!(
+            term.elapsed() < Duration::from_secs(4),
+            "the proxy has not exited 4 s after SIGTERM (drain deadline 8 s)"
+        );
         tokio::time::sleep(Duration::from_millis(20)).await;
     };
     println!("graceful shutdown: exited {exited} {:.3} s after SIGTERM", term.elapsed().as_secs_f64());
@@ -1302,7 +1303,11 @@ fn a_connection_the_app_closed_while_idle_fails_no_request() {
 struct Hello;
 
 impl berth_proxy::server::Handler for Hello {
-    async fn handle(&self, _req: Request<Incoming>, _conn: &berth_proxy::server::ConnInfo) -> Response<berth_proxy::Body> {
+    async fn handle(
+        &self,
+        _req: Request<Incoming>,
+        _conn: &berth_proxy::server::ConnInfo,
+    ) -> Response<berth_proxy::Body> {
         berth_proxy::text_response(StatusCode::OK, "hello")
     }
 }
@@ -1326,7 +1331,14 @@ async fn a_connection_accepted_just_before_the_stop_is_served() {
         let addr = listener.local_addr().unwrap();
         let shutdown = CancellationToken::new();
         let server_tls = tls.then(|| store.server_config().unwrap());
-        let server = tokio::spawn(serve(listener, server_tls, Limits::default(), Arc::new(Hello), shutdown.clone(), Duration::from_secs(5)));
+        let server = tokio::spawn(serve(
+            listener,
+            server_tls,
+            Limits::default(),
+            Arc::new(Hello),
+            shutdown.clone(),
+            Duration::from_secs(5),
+        ));
         let tcp = TcpStream::connect(addr).await.unwrap();
         // Give the accept loop (idle otherwise) time to take the connection, then stop
         // before the client has said anything.
@@ -1341,7 +1353,9 @@ async fn a_connection_accepted_just_before_the_stop_is_served() {
                 // The server answers, then closes (read_to_end returns): a stopping
                 // server keeps no connection alive.
                 let mut answer = Vec::new();
-                let _ = tokio::time::timeout(Duration::from_secs(5), tcp.read_to_end(&mut answer)).await.expect("closed after the answer");
+                let _ = tokio::time::timeout(Duration::from_secs(5), tcp.read_to_end(&mut answer))
+                    .await
+                    .expect("closed after the answer");
                 let text = String::from_utf8_lossy(&answer).to_string();
                 text.split_whitespace().nth(1).and_then(|c| c.parse::<u16>().ok())
             }
@@ -1360,7 +1374,8 @@ async fn a_connection_accepted_just_before_the_stop_is_served() {
                 let io = TokioIo::new(stream);
                 let req = Request::get(format!("https://{DOMAIN}/")).body(Empty::<Bytes>::new()).unwrap();
                 let resp = if proto == b"h2" {
-                    let (mut send, conn) = hyper::client::conn::http2::handshake(TokioExecutor::new(), io).await.unwrap();
+                    let (mut send, conn) =
+                        hyper::client::conn::http2::handshake(TokioExecutor::new(), io).await.unwrap();
                     tokio::spawn(conn);
                     send.send_request(req).await
                 } else {

@@ -48,7 +48,10 @@ impl PrivateDockerd {
         let n = std::process::id() % 100_000;
         let bridge = format!("bbr{n}");
         // A /24 in 10.213.0.0/16 no interface on this host uses yet.
-        let used = String::from_utf8_lossy(&Command::new("ip").args(["-o", "addr"]).output().map(|o| o.stdout).unwrap_or_default()).to_string();
+        let used = String::from_utf8_lossy(
+            &Command::new("ip").args(["-o", "addr"]).output().map(|o| o.stdout).unwrap_or_default(),
+        )
+        .to_string();
         let Some(subnet) = (0..250u32).map(|i| (n + i) % 250).find(|x| !used.contains(&format!("10.213.{x}."))) else {
             return cannot("no free 10.213.x.0/24".into());
         };
@@ -64,12 +67,8 @@ impl PrivateDockerd {
                 return cannot(format!("ip {}: {}", args.join(" "), String::from_utf8_lossy(&out.stderr)));
             }
         }
-        let mut d = PrivateDockerd {
-            host: format!("unix://{}", dir.join("docker.sock").display()),
-            dir,
-            bridge,
-            child: None,
-        };
+        let mut d =
+            PrivateDockerd { host: format!("unix://{}", dir.join("docker.sock").display()), dir, bridge, child: None };
         match d.spawn(live_restore) {
             Ok(()) => Some(d),
             Err(why) => {
@@ -181,7 +180,9 @@ impl PrivateDockerd {
         procs.flatten().any(|p| {
             let cmdline = std::fs::read(p.path().join("cmdline")).unwrap_or_default();
             let cmdline = String::from_utf8_lossy(&cmdline);
-            cmdline.contains("containerd-shim") && cmdline.contains(id) && cmdline.contains(&*self.dir.to_string_lossy())
+            cmdline.contains("containerd-shim")
+                && cmdline.contains(id)
+                && cmdline.contains(&*self.dir.to_string_lossy())
         })
     }
 
@@ -198,7 +199,11 @@ impl Drop for PrivateDockerd {
             let _ = self.spawn(false);
         }
         if self.is_running() {
-            let ids = self.docker(&["ps", "-aq"]).output().map(|o| String::from_utf8_lossy(&o.stdout).to_string()).unwrap_or_default();
+            let ids = self
+                .docker(&["ps", "-aq"])
+                .output()
+                .map(|o| String::from_utf8_lossy(&o.stdout).to_string())
+                .unwrap_or_default();
             for id in ids.lines() {
                 let _ = self.docker(&["rm", "-f", id]).output();
             }
@@ -207,7 +212,8 @@ impl Drop for PrivateDockerd {
         // dockerd leaves its data-root bind-mounted onto itself (and overlays, if it died).
         let mounts = std::fs::read_to_string("/proc/self/mounts").unwrap_or_default();
         let prefix = self.dir.to_string_lossy().to_string();
-        let mut ours: Vec<&str> = mounts.lines().filter_map(|l| l.split_whitespace().nth(1)).filter(|m| m.starts_with(&prefix)).collect();
+        let mut ours: Vec<&str> =
+            mounts.lines().filter_map(|l| l.split_whitespace().nth(1)).filter(|m| m.starts_with(&prefix)).collect();
         ours.sort_by_key(|m| std::cmp::Reverse(m.len()));
         for m in ours {
             let _ = Command::new("umount").arg("-l").arg(m).output();

@@ -31,12 +31,7 @@ pub struct Fault {
 
 impl Fault {
     pub fn new(status: u16, error_type: &str, message: &str) -> Fault {
-        Fault {
-            status,
-            error_type: error_type.into(),
-            message: message.into(),
-            action: None,
-        }
+        Fault { status, error_type: error_type.into(), message: message.into(), action: None }
     }
 
     /// What SSM answers when a caller exceeds its request rate.
@@ -108,10 +103,7 @@ impl FaultProxy {
         let listener = std::net::TcpListener::bind("127.0.0.1:0").expect("bind fault proxy");
         listener.set_nonblocking(true).unwrap();
         let addr = listener.local_addr().unwrap();
-        let shared = Arc::new(Shared {
-            mode: Mutex::new(Mode::Forward),
-            counters: Mutex::new(Counters::default()),
-        });
+        let shared = Arc::new(Shared { mode: Mutex::new(Mode::Forward), counters: Mutex::new(Counters::default()) });
         let (stop_tx, stop_rx) = tokio::sync::oneshot::channel();
         let state = shared.clone();
         let thread = std::thread::Builder::new()
@@ -121,12 +113,7 @@ impl FaultProxy {
                 rt.block_on(serve(listener, upstream, state, stop_rx));
             })
             .unwrap();
-        FaultProxy {
-            addr,
-            shared,
-            stop: Some(stop_tx),
-            thread: Some(thread),
-        }
+        FaultProxy { addr, shared, stop: Some(stop_tx), thread: Some(thread) }
     }
 
     /// The URL to give berth as `[aws] endpoint_url`.
@@ -194,12 +181,9 @@ async fn serve(
         };
         let (client, upstream, shared) = (client.clone(), upstream.clone(), shared.clone());
         tokio::spawn(async move {
-            let service = hyper::service::service_fn(move |req| {
-                handle(req, client.clone(), upstream.clone(), shared.clone())
-            });
-            let _ = hyper::server::conn::http1::Builder::new()
-                .serve_connection(TokioIo::new(stream), service)
-                .await;
+            let service =
+                hyper::service::service_fn(move |req| handle(req, client.clone(), upstream.clone(), shared.clone()));
+            let _ = hyper::server::conn::http1::Builder::new().serve_connection(TokioIo::new(stream), service).await;
         });
     }
 }
@@ -261,7 +245,8 @@ async fn forward(
     let (mut parts, body) = req.into_parts();
     let body = body.collect().await?.to_bytes();
     let path = parts.uri.path_and_query().map(|p| p.as_str()).unwrap_or("/");
-    parts.uri = format!("{}://{}{}", upstream.scheme_str().unwrap_or("http"), upstream.authority().unwrap(), path).parse()?;
+    parts.uri =
+        format!("{}://{}{}", upstream.scheme_str().unwrap_or("http"), upstream.authority().unwrap(), path).parse()?;
     // The signed Host header stays as the client sent it: moto does not check signatures.
     let resp = client.request(Request::from_parts(parts, Full::new(body))).await?;
     let (parts, body) = resp.into_parts();

@@ -89,10 +89,7 @@ pub struct Ports {
 
 impl Ports {
     pub fn pick() -> Self {
-        Ports {
-            http: free_port(),
-            https: free_port(),
-        }
+        Ports { http: free_port(), https: free_port() }
     }
 }
 

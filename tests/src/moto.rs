@@ -46,10 +46,19 @@ pub fn aws_env(cmd: &mut Command) -> &mut Command {
 /// One seeding step.
 pub enum Op<'a> {
     /// PutParameter with Overwrite; `kind` is `String`, `SecureString` or `StringList`.
-    Put { name: &'a str, kind: &'a str, value: &'a str },
+    Put {
+        name: &'a str,
+        kind: &'a str,
+        value: &'a str,
+    },
     /// CreateSecret (or PutSecretValue when it exists) in Secrets Manager.
-    Secret { name: &'a str, value: &'a str },
-    Delete { name: &'a str },
+    Secret {
+        name: &'a str,
+        value: &'a str,
+    },
+    Delete {
+        name: &'a str,
+    },
 }
 
 const SEED_PY: &str = r#"
@@ -76,7 +85,9 @@ pub fn seed(url: &str, ops: &[Op]) {
     let ops: Vec<serde_json::Value> = ops
         .iter()
         .map(|op| match op {
-            Op::Put { name, kind, value } => serde_json::json!({"op": "put", "name": name, "kind": kind, "value": value}),
+            Op::Put { name, kind, value } => {
+                serde_json::json!({"op": "put", "name": name, "kind": kind, "value": value})
+            }
             Op::Secret { name, value } => serde_json::json!({"op": "secret", "name": name, "value": value}),
             Op::Delete { name } => serde_json::json!({"op": "delete", "name": name}),
         })
@@ -90,11 +101,7 @@ pub fn seed(url: &str, ops: &[Op]) {
         .expect("python3 (with boto3, which moto[server] installs)");
     child.stdin.take().unwrap().write_all(req.as_bytes()).unwrap();
     let out = child.wait_with_output().unwrap();
-    assert!(
-        out.status.success(),
-        "seeding moto failed: {}",
-        String::from_utf8_lossy(&out.stderr)
-    );
+    assert!(out.status.success(), "seeding moto failed: {}", String::from_utf8_lossy(&out.stderr));
 }
 
 /// A random lowercase-hex string, for secret values a test searches logs for.

@@ -17,11 +17,7 @@ impl NotifySocket {
         let path = dir.join("notify.sock");
         let sock = UnixDatagram::bind(&path).unwrap();
         sock.set_read_timeout(Some(Duration::from_millis(100))).unwrap();
-        NotifySocket {
-            sock,
-            path,
-            received: Vec::new(),
-        }
+        NotifySocket { sock, path, received: Vec::new() }
     }
 
     /// Reads datagrams until one contains a line equal to (or starting with) `want`, or

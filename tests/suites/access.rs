@@ -25,7 +25,11 @@ fn denied_requests_never_reach_the_app() {
     let rest = format!(
         "[aws]\nregion = \"us-east-1\"\nendpoint_url = \"{moto}\"\n[secrets]\npath = \"{prefix}\"\n\n{}\n{}\n{}",
         app(&deny, "deny.test", "allow = [\"10.0.0.0/8\"]"),
-        app(&keys, "keys.test", "allow = [\"203.0.113.0/24\"]\ntrusted_proxies = [\"127.0.0.1\"]\napi_keys = [\"API_KEY\"]"),
+        app(
+            &keys,
+            "keys.test",
+            "allow = [\"203.0.113.0/24\"]\ntrusted_proxies = [\"127.0.0.1\"]\napi_keys = [\"API_KEY\"]"
+        ),
         app(&spoof, "spoof.test", "allow = [\"203.0.113.0/24\"]"),
         moto = env("BERTH_TEST_MOTO_URL"),
     );
@@ -36,11 +40,7 @@ fn denied_requests_never_reach_the_app() {
     });
 
     let req = |host: &str, path: &str, headers: &[&str]| -> u16 {
-        let mut args = vec![
-            "-k".to_string(),
-            "--resolve".to_string(),
-            format!("{host}:{}:127.0.0.1", ports.https),
-        ];
+        let mut args = vec!["-k".to_string(), "--resolve".to_string(), format!("{host}:{}:127.0.0.1", ports.https)];
         for h in headers {
             args.push("-H".into());
             args.push(h.to_string());
@@ -80,7 +80,9 @@ fn denied_requests_never_reach_the_app() {
 
     // berth's access log (as shipped: errors only) has each denial, and no allowed request.
     let ours = berth.logs();
-    let event = |path: &str| ours.lines().find(|l| l.contains(" request ") && log_field(l, "path", &format!("{path}\""))).map(str::to_owned);
+    let event = |path: &str| {
+        ours.lines().find(|l| l.contains(" request ") && log_field(l, "path", &format!("{path}\""))).map(str::to_owned)
+    };
     let denied = event("/denied-1").unwrap_or_else(|| panic!("no access event for a 403:\n{ours}"));
     for (key, value) in [("app", deny.name.as_str()), ("status", "403"), ("method", "GET"), ("host", "deny.test:")] {
         assert!(log_field(&denied, key, value), "{key}={value} missing: {denied}");

@@ -50,7 +50,9 @@ fn pebble_env() -> Option<PebbleEnv> {
             panic!("BERTH_TEST_PEBBLE_* not set under CI=true: scripts/test must start Pebble (scripts/testenv up)")
         }
         _ => {
-            eprintln!("skipped: BERTH_TEST_PEBBLE_* not set (run through scripts/test, or source /tmp/berth-testenv/env.sh)");
+            eprintln!(
+                "skipped: BERTH_TEST_PEBBLE_* not set (run through scripts/test, or source /tmp/berth-testenv/env.sh)"
+            );
             None
         }
     }
@@ -84,14 +86,7 @@ impl Pebble {
             cfg["pebble"]["certificateValidityPeriod"] = v.into();
         }
         dir.write("pebble.json", &cfg.to_string());
-        Some(Pebble {
-            env,
-            dir,
-            child: None,
-            listen,
-            mgmt,
-            nonce_reject,
-        })
+        Some(Pebble { env, dir, child: None, listen, mgmt, nonce_reject })
     }
 
     fn start(&mut self) {
@@ -253,7 +248,8 @@ fn first_certificate_verifies_and_a_restart_reuses_it_without_ordering() {
     let metrics_port = berth_tests::free_port();
     let config = dir.write(
         "berth.toml",
-        &config_toml(&dir, ports, "0s", "5s", &tls).replace("metrics_listen = \"\"", &format!("metrics_listen = \"127.0.0.1:{metrics_port}\"")),
+        &config_toml(&dir, ports, "0s", "5s", &tls)
+            .replace("metrics_listen = \"\"", &format!("metrics_listen = \"127.0.0.1:{metrics_port}\"")),
     );
     let mut cmd = Berth::command(&config);
     aws_env(&mut cmd);
@@ -265,7 +261,11 @@ fn first_certificate_verifies_and_a_restart_reuses_it_without_ordering() {
     std::thread::sleep(Duration::from_secs(3));
     assert_eq!(pebble.orders(), 1, "a restart must not order again:\n{}", again.logs());
     assert_eq!(orders_in_log(&again), 0);
-    assert_eq!(fs::read_to_string(pebble.log_path()).unwrap().matches("POST /sign-me-up").count(), 1, "the account is reused");
+    assert_eq!(
+        fs::read_to_string(pebble.log_path()).unwrap().matches("POST /sign-me-up").count(),
+        1,
+        "the account is reused"
+    );
     assert!(again.logs().contains("StateDir"), "{}", again.logs());
 
     // `berth renew` orders now, installs without a restart, and says what it installed.
@@ -295,7 +295,8 @@ fn first_certificate_verifies_and_a_restart_reuses_it_without_ordering() {
     let plain = |s: &str| s.replace(':', "").to_ascii_lowercase();
     assert!(plain(&text).contains(&plain(&renewed)), "renew names the serial it installed: {text}");
     assert_eq!(orders_metric("ok"), before + 1.0, "berth_acme_orders_total{{result=ok}} moved by one");
-    let status = std::process::Command::new(berth_tests::berth_bin()).args(["status", "-c"]).arg(&config).output().unwrap();
+    let status =
+        std::process::Command::new(berth_tests::berth_bin()).args(["status", "-c"]).arg(&config).output().unwrap();
     let status = String::from_utf8_lossy(&status.stdout);
     assert!(plain(&status).contains(&plain(&renewed)), "berth status shows the certificate:\n{status}");
     stop(&mut again);
@@ -313,7 +314,8 @@ fn succeeds_against_pebble_rejecting_nonces_at_its_default_rate() {
     let dir = TestDir::new();
     // Debug logs for the ACME module only: they say when a nonce was rejected (Pebble
     // itself does not log it).
-    let config = dir.write("berth.toml", &config_toml(&dir, ports, "0s", "5s", &pebble.tls_toml(&["nonce.berth.test"], "")));
+    let config =
+        dir.write("berth.toml", &config_toml(&dir, ports, "0s", "5s", &pebble.tls_toml(&["nonce.berth.test"], "")));
     let mut cmd = Berth::command(&config);
     cmd.env("BERTH_LOG", "info,berth::acme=debug");
     let mut berth = Berth::spawn(cmd, &dir);
@@ -345,7 +347,8 @@ fn ca_down_at_start_serves_self_signed_then_the_acme_certificate_without_a_resta
     wait_for("health 200 on :80", Duration::from_secs(10), || {
         (curl(&[&format!("http://127.0.0.1:{}/_berth/health", ports.http)]).0 == 200).then_some(())
     });
-    let (_, issuer) = wait_for("the self-signed certificate", Duration::from_secs(10), || served(ports.https, "down.berth.test"));
+    let (_, issuer) =
+        wait_for("the self-signed certificate", Duration::from_secs(10), || served(ports.https, "down.berth.test"));
     assert!(issuer.contains("berth self-signed"), "{issuer}");
     wait_for("a logged retry", Duration::from_secs(10), || {
         berth.logs().contains("could not get a certificate; retrying").then_some(())
@@ -394,7 +397,10 @@ fn renews_twice_under_load_with_zero_failed_requests() {
     wait_for("two renewals", Duration::from_secs(40), || (pebble.orders() >= 3).then_some(()));
     let renewed_after = load_started.elapsed();
     let (ka, cl) = (keep_alive.join().unwrap(), close.join().unwrap());
-    eprintln!("keep-alive: {ka:?}; connection-close: {cl:?}; orders: {}; two renewals after {renewed_after:?}", pebble.orders());
+    eprintln!(
+        "keep-alive: {ka:?}; connection-close: {cl:?}; orders: {}; two renewals after {renewed_after:?}",
+        pebble.orders()
+    );
     assert!(
         renewed_after < Duration::from_secs(u64::from(LOAD_SECS) - 2),
         "both renewals must happen while the load runs ({LOAD_SECS} s); the second came after {renewed_after:?}"
@@ -413,7 +419,16 @@ fn wrk_connection_close(url: &str, secs: u32, conns: u32) -> std::thread::JoinHa
     let url = url.to_owned();
     std::thread::spawn(move || {
         let out = Command::new("wrk")
-            .args(["-t1", &format!("-c{conns}"), &format!("-d{secs}s"), "--timeout", "5s", "-H", "Connection: close", &url])
+            .args([
+                "-t1",
+                &format!("-c{conns}"),
+                &format!("-d{secs}s"),
+                "--timeout",
+                "5s",
+                "-H",
+                "Connection: close",
+                &url,
+            ])
             .output()
             .expect("wrk");
         let text = String::from_utf8_lossy(&out.stdout).to_string();
@@ -429,10 +444,8 @@ fn wrk_connection_close(url: &str, secs: u32, conns: u32) -> std::thread::JoinHa
                 failures += rest.trim().parse::<u64>().unwrap_or(0);
             }
             if let Some(rest) = line.strip_prefix("Socket errors:") {
-                failures += rest
-                    .split(',')
-                    .filter_map(|p| p.split_whitespace().nth(1)?.parse::<u64>().ok())
-                    .sum::<u64>();
+                failures +=
+                    rest.split(',').filter_map(|p| p.split_whitespace().nth(1)?.parse::<u64>().ok()).sum::<u64>();
             }
         }
         berth_tests::LoadResult { requests, failures }
@@ -486,9 +499,7 @@ http {{
             .stderr(Stdio::null())
             .spawn()
             .expect("nginx (installed by scripts/testenv)");
-        wait_for("nginx to listen", Duration::from_secs(10), || {
-            std::net::TcpStream::connect(("127.0.0.1", port)).ok()
-        });
+        wait_for("nginx to listen", Duration::from_secs(10), || std::net::TcpStream::connect(("127.0.0.1", port)).ok());
         Nginx { child, dir }
     }
 
@@ -544,7 +555,8 @@ fn a_fleet_orders_one_certificate_and_every_instance_serves_it() {
     // every one answered (stateless key authorizations).
     let log = _alb.access_log();
     let challenge_lines: Vec<&str> = log.lines().filter(|l| l.starts_with("/.well-known/acme-challenge/")).collect();
-    let backends: std::collections::BTreeSet<&str> = challenge_lines.iter().filter_map(|l| l.split_whitespace().nth(1)).collect();
+    let backends: std::collections::BTreeSet<&str> =
+        challenge_lines.iter().filter_map(|l| l.split_whitespace().nth(1)).collect();
     assert!(challenge_lines.iter().all(|l| l.ends_with(" 200")), "{log}");
     assert!(backends.len() >= 2, "validation reached several instances: {log}");
 
@@ -591,7 +603,10 @@ fn reload_with_a_new_domain_orders_for_it_without_restarting_the_app() {
     assert_eq!(container.len(), 1);
     let started_at = TestApp::inspect(&container[0], "{{.State.StartedAt}}");
 
-    let config = dir.write("berth.toml", &config_toml(&dir, ports, "0s", "5s", &format!("{}\n{app_toml}", pebble.tls_toml(&[a, b], ""))));
+    let config = dir.write(
+        "berth.toml",
+        &config_toml(&dir, ports, "0s", "5s", &format!("{}\n{app_toml}", pebble.tls_toml(&[a, b], ""))),
+    );
     berth.signal("HUP");
     wait_for("a certificate for the new domain", Duration::from_secs(30), || {
         verifies(ports.https, b, &root).then_some(())
@@ -601,13 +616,21 @@ fn reload_with_a_new_domain_orders_for_it_without_restarting_the_app() {
     let (serial, _) = served(ports.https, b).unwrap();
     assert_eq!(served(ports.https, a).unwrap().0, serial, "one certificate for both names");
     assert!(
-        berth.logs().lines().any(|l| l.contains("self-signed certificate installed") && l.contains(b) && !l.contains(&format!("{a},"))),
+        berth
+            .logs()
+            .lines()
+            .any(|l| l.contains("self-signed certificate installed") && l.contains(b) && !l.contains(&format!("{a},"))),
         "the new name alone gets a self-signed certificate at once:\n{}",
         berth.logs()
     );
 
-    let out = std::process::Command::new(berth_tests::berth_bin()).args(["status", "--json", "-c"]).arg(&config).output().unwrap();
-    let status: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap_or_else(|e| panic!("{e}: {}", String::from_utf8_lossy(&out.stdout)));
+    let out = std::process::Command::new(berth_tests::berth_bin())
+        .args(["status", "--json", "-c"])
+        .arg(&config)
+        .output()
+        .unwrap();
+    let status: serde_json::Value =
+        serde_json::from_slice(&out.stdout).unwrap_or_else(|e| panic!("{e}: {}", String::from_utf8_lossy(&out.stdout)));
     let cert = &status["tls"]["certificate"];
     let names: Vec<&str> = cert["names"].as_array().unwrap().iter().filter_map(|n| n.as_str()).collect();
     assert!(names.contains(&a) && names.contains(&b), "{status}");
@@ -620,7 +643,10 @@ fn reload_with_a_new_domain_orders_for_it_without_restarting_the_app() {
     assert_eq!(TestApp::inspect(&container[0], "{{.State.StartedAt}}"), started_at, "the app was not restarted");
 
     // Same names, another contact: the certificate still fits, nothing is ordered.
-    dir.write("berth.toml", &std::fs::read_to_string(&config).unwrap().replace("mailto:ops@example.com", "mailto:sec@example.com"));
+    dir.write(
+        "berth.toml",
+        &std::fs::read_to_string(&config).unwrap().replace("mailto:ops@example.com", "mailto:sec@example.com"),
+    );
     berth.signal("HUP");
     wait_for("the reload to reach the ACME task", Duration::from_secs(10), || {
         berth.logs().contains("the certificate serving still fits, nothing to order").then_some(())

@@ -168,7 +168,13 @@ fn missing_required_key() {
 #[test]
 fn invalid_app_name() {
     let src = GOOD.replace("[apps.web]", "[apps.Web_1]").replace("[apps.web.health]", "[apps.Web_1.health]");
-    assert_config_error("check", &src, "apps.Web_1", line_of(&src, "[apps.Web_1]"), "may contain only a-z, 0-9 and '-'");
+    assert_config_error(
+        "check",
+        &src,
+        "apps.Web_1",
+        line_of(&src, "[apps.Web_1]"),
+        "may contain only a-z, 0-9 and '-'",
+    );
 }
 
 #[test]
@@ -210,7 +216,13 @@ fn acme_without_domains() {
 #[test]
 fn acme_wildcard_domain() {
     let src = GOOD.replace("\"www.example.com\"]", "\"*.example.com\"]");
-    assert_config_error("check", &src, "tls.domains[1]", line_of(&src, "*.example.com"), "HTTP-01 cannot validate wildcards");
+    assert_config_error(
+        "check",
+        &src,
+        "tls.domains[1]",
+        line_of(&src, "*.example.com"),
+        "HTTP-01 cannot validate wildcards",
+    );
 }
 
 #[test]
@@ -224,7 +236,8 @@ fn files_mode_without_files() {
     let src = replace_once(GOOD, "mode = \"acme\"", "mode = \"files\"");
     // Without [tls.acme] the only problem left is the missing files, not a stray ACME table.
     let src = replace_once(&src, "[tls.acme]\ncontact = [\"mailto:ops@example.com\"]\nshared = \"/myapp/berth\"\n", "");
-    let stderr = assert_config_error("check", &src, "tls.mode", line_of(&src, "mode = \"files\""), "needs tls.cert_file");
+    let stderr =
+        assert_config_error("check", &src, "tls.mode", line_of(&src, "mode = \"files\""), "needs tls.cert_file");
     assert!(stderr.contains("needs tls.key_file"), "{stderr}");
     assert!(!stderr.contains("`tls.acme`"), "the [tls.acme] table should be gone:\n{stderr}");
 }
@@ -284,7 +297,13 @@ fn status_without_a_daemon_exits_69() {
 fn fleet_prefix_under_the_secrets_path() {
     // secrets.path is read recursively: the ACME keys would reach the app as env vars.
     let src = GOOD.replace("shared = \"/myapp/berth\"", "shared = \"/myapp/prod/berth\"");
-    assert_config_error("check", &src, "tls.acme.shared", line_of(&src, "shared = "), "the app would receive the ACME account and TLS private keys");
+    assert_config_error(
+        "check",
+        &src,
+        "tls.acme.shared",
+        line_of(&src, "shared = "),
+        "the app would receive the ACME account and TLS private keys",
+    );
 }
 
 #[test]
@@ -293,7 +312,13 @@ fn access_rules_name_secrets_and_networks() {
         "[apps.web.health]",
         "[apps.web.access]\nallow = [\"10.0.0.0/8\", \"not-a-net\"]\napi_keys = [\"sk_live_literal_value\"]\n[apps.web.health]",
     );
-    let stderr = assert_config_error("check", &src, "apps.web.access.allow[1]", line_of(&src, "not-a-net"), "is not an address or network");
+    let stderr = assert_config_error(
+        "check",
+        &src,
+        "apps.web.access.allow[1]",
+        line_of(&src, "not-a-net"),
+        "is not an address or network",
+    );
     assert!(stderr.contains("`apps.web.access.api_keys[0]`") && stderr.contains("must name a secret"), "{stderr}");
 }
 
@@ -497,6 +522,7 @@ fn every_validation_error_names_key_and_line() {
         ),
     ];
 
-    let failures: Vec<String> = cases.iter().filter_map(|c| check_case(c).err().map(|why| format!("=== {}: {why}", c.name))).collect();
+    let failures: Vec<String> =
+        cases.iter().filter_map(|c| check_case(c).err().map(|why| format!("=== {}: {why}", c.name))).collect();
     assert!(failures.is_empty(), "{} of {} cases failed:\n{}", failures.len(), cases.len(), failures.join("\n"));
 }

@@ -14,7 +14,8 @@ fn run(cmd: &mut Command) -> String {
 
 #[test]
 fn docker_engine_answers() {
-    let version = run(Command::new("curl").args(["-sf", "--unix-socket", "/var/run/docker.sock", "http://docker/version"]));
+    let version =
+        run(Command::new("curl").args(["-sf", "--unix-socket", "/var/run/docker.sock", "http://docker/version"]));
     let v: serde_json::Value = serde_json::from_str(&version).unwrap();
     assert!(v["ApiVersion"].as_str().is_some(), "{version}");
     let image = env("BERTH_TEST_APP_IMAGE");
@@ -24,7 +25,12 @@ fn docker_engine_answers() {
 
 #[test]
 fn pebble_serves_an_acme_directory() {
-    let dir = run(Command::new("curl").args(["-sf", "--cacert", &env("BERTH_TEST_PEBBLE_CA"), &env("BERTH_TEST_PEBBLE_DIRECTORY")]));
+    let dir = run(Command::new("curl").args([
+        "-sf",
+        "--cacert",
+        &env("BERTH_TEST_PEBBLE_CA"),
+        &env("BERTH_TEST_PEBBLE_DIRECTORY"),
+    ]));
     let d: serde_json::Value = serde_json::from_str(&dir).unwrap();
     for key in ["newAccount", "newNonce", "newOrder"] {
         assert!(d[key].as_str().is_some_and(|u| u.starts_with("https://")), "{key} in {dir}");

@@ -27,10 +27,7 @@ use berth_tests::{berth_bin, TestDir};
 use serde_json::Value;
 
 fn repo_root() -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR"))
-        .parent()
-        .expect("repo root")
-        .to_path_buf()
+    Path::new(env!("CARGO_MANIFEST_DIR")).parent().expect("repo root").to_path_buf()
 }
 
 fn in_ci() -> bool {
@@ -45,11 +42,8 @@ fn terraform() -> Option<PathBuf> {
         if let Some(p) = std::env::var_os("TERRAFORM") {
             return Some(PathBuf::from(p));
         }
-        std::env::var_os("PATH").and_then(|paths| {
-            std::env::split_paths(&paths)
-                .map(|d| d.join("terraform"))
-                .find(|p| p.is_file())
-        })
+        std::env::var_os("PATH")
+            .and_then(|paths| std::env::split_paths(&paths).map(|d| d.join("terraform")).find(|p| p.is_file()))
     });
     match found {
         Some(p) => Some(p.clone()),
@@ -111,12 +105,7 @@ fn run(mut cmd: Command, timeout: Duration) -> Output {
         }
         std::thread::sleep(Duration::from_millis(50));
     };
-    Output {
-        status,
-        stdout: t_out.join().unwrap_or_default(),
-        stderr: t_err.join().unwrap_or_default(),
-        timed_out,
-    }
+    Output { status, stdout: t_out.join().unwrap_or_default(), stderr: t_err.join().unwrap_or_default(), timed_out }
 }
 
 /// A terraform command with automation settings and our own CLI config (so a user's
@@ -197,15 +186,8 @@ fn terraform_fmt_check_passes() {
     let Some(bin) = terraform() else { return };
     let dir = TestDir::new();
     let rc = dir.write("terraformrc", "");
-    let out = run(
-        tf(
-            &bin,
-            &rc,
-            &repo_root(),
-            &["fmt", "-check", "-recursive", "-diff", "infra"],
-        ),
-        Duration::from_secs(60),
-    );
+    let out =
+        run(tf(&bin, &rc, &repo_root(), &["fmt", "-check", "-recursive", "-diff", "infra"]), Duration::from_secs(60));
     assert!(
         out.ok(),
         "`terraform fmt -check -recursive infra/` wants changes (run `terraform fmt -recursive infra`):\n{}",
@@ -248,38 +230,22 @@ fn rendered() -> Option<&'static Rendered> {
         must(
             "terraform init -backend=false (render root, no providers)",
             run(
-                tf(
-                    &bin,
-                    &rc,
-                    &root,
-                    &["init", "-backend=false", "-input=false", "-no-color"],
-                ),
+                tf(&bin, &rc, &root, &["init", "-backend=false", "-input=false", "-no-color"]),
                 Duration::from_secs(120),
             ),
         );
         must(
             "terraform apply (render root)",
             run(
-                tf(
-                    &bin,
-                    &rc,
-                    &root,
-                    &["apply", "-auto-approve", "-input=false", "-no-color"],
-                ),
+                tf(&bin, &rc, &root, &["apply", "-auto-approve", "-input=false", "-no-color"]),
                 Duration::from_secs(120),
             ),
         );
         let out = must(
             "terraform output -json cases",
-            run(
-                tf(&bin, &rc, &root, &["output", "-json", "cases"]),
-                Duration::from_secs(60),
-            ),
+            run(tf(&bin, &rc, &root, &["output", "-json", "cases"]), Duration::from_secs(60)),
         );
-        println!(
-            "rendered infra/tests/render with no providers in {:.1}s",
-            t0.elapsed().as_secs_f64()
-        );
+        println!("rendered infra/tests/render with no providers in {:.1}s", t0.elapsed().as_secs_f64());
         let cases: Value = serde_json::from_str(&out.stdout).expect("terraform output -json is JSON");
         let cases = cases
             .as_object()
@@ -297,11 +263,7 @@ fn rendered() -> Option<&'static Rendered> {
                     .map(|s| serde_json::from_str(s).expect("session_manager_policy_json is JSON")),
             })
             .collect::<Vec<_>>();
-        assert!(
-            cases.len() >= 2,
-            "expected the full and minimal cases, got {}",
-            cases.len()
-        );
+        assert!(cases.len() >= 2, "expected the full and minimal cases, got {}", cases.len());
         Rendered { cases, _dir: dir }
     }))
 }
@@ -327,11 +289,7 @@ fn rendered_berth_toml_passes_berth_check() {
             out.both(),
             case.berth_toml
         );
-        println!(
-            "case {}: berth check exit 0 ({} lines of plan)",
-            case.name,
-            out.stdout.lines().count()
-        );
+        println!("case {}: berth check exit 0 ({} lines of plan)", case.name, out.stdout.lines().count());
     }
     // The full case exercises what an operator sets in production; make sure it really does.
     let full = r.cases.iter().find(|c| c.name == "full").expect("full case");
@@ -345,18 +303,10 @@ fn rendered_berth_toml_passes_berth_check() {
         "[apps.web.health]",
         "env = {",
     ] {
-        assert!(
-            full.berth_toml.contains(needle),
-            "full case lacks {needle:?}:\n{}",
-            full.berth_toml
-        );
+        assert!(full.berth_toml.contains(needle), "full case lacks {needle:?}:\n{}", full.berth_toml);
     }
     let minimal = r.cases.iter().find(|c| c.name == "minimal").expect("minimal case");
-    assert!(
-        minimal.berth_toml.contains("mode = \"self-signed\""),
-        "{}",
-        minimal.berth_toml
-    );
+    assert!(minimal.berth_toml.contains("mode = \"self-signed\""), "{}", minimal.berth_toml);
 }
 
 /// Parses cloud-config text with PyYAML (what cloud-init uses) and returns it as JSON.
@@ -369,11 +319,7 @@ fn parse_cloud_config(dir: &TestDir, name: &str, text: &str) -> Value {
          print(json.dumps(yaml.safe_load(open(sys.argv[1]).read())))",
         &[path.to_str().unwrap()],
     );
-    assert!(
-        out.ok(),
-        "the cloud-config of case {name:?} is not valid YAML:\n{}\n--- cloud-config\n{text}",
-        out.both()
-    );
+    assert!(out.ok(), "the cloud-config of case {name:?} is not valid YAML:\n{}\n--- cloud-config\n{text}", out.both());
     serde_json::from_str(&out.stdout).expect("python printed JSON")
 }
 
@@ -384,11 +330,9 @@ fn runcmd_lines(doc: &Value) -> Vec<String> {
         .iter()
         .map(|c| match c {
             Value::String(s) => s.clone(),
-            Value::Array(parts) => parts
-                .iter()
-                .map(|p| p.as_str().unwrap_or("").to_string())
-                .collect::<Vec<_>>()
-                .join(" "),
+            Value::Array(parts) => {
+                parts.iter().map(|p| p.as_str().unwrap_or("").to_string()).collect::<Vec<_>>().join(" ")
+            }
             other => panic!("unexpected runcmd entry {other}"),
         })
         .collect()
@@ -414,18 +358,9 @@ fn rendered_cloud_config_writes_the_config_and_starts_berth() {
             "case {}: user data must start with #cloud-config:\n{text}",
             case.name
         );
-        assert!(
-            text.len() < 16 * 1024,
-            "case {}: user data is {} bytes, EC2 allows 16 KiB",
-            case.name,
-            text.len()
-        );
+        assert!(text.len() < 16 * 1024, "case {}: user data is {} bytes, EC2 allows 16 KiB", case.name, text.len());
         for bad in ["sleep 90", "--env-file", "certbot"] {
-            assert!(
-                !text.contains(bad),
-                "case {}: the user data still has {bad:?}",
-                case.name
-            );
+            assert!(!text.contains(bad), "case {}: the user data still has {bad:?}", case.name);
         }
         let doc = parse_cloud_config(&dir, &case.name, text);
 
@@ -448,40 +383,19 @@ fn rendered_cloud_config_writes_the_config_and_starts_berth() {
         );
         // The file as it lands on the instance passes `berth check` too (not just the
         // Terraform output): YAML block scalars are where indentation bugs would show.
-        let out = berth_check(
-            &dir,
-            &format!("{}.from-user-data.toml", case.name),
-            config["content"].as_str().unwrap(),
-        );
-        assert!(
-            out.status == Some(0),
-            "case {}: berth check of the file in the user data:\n{}",
-            case.name,
-            out.both()
-        );
+        let out = berth_check(&dir, &format!("{}.from-user-data.toml", case.name), config["content"].as_str().unwrap());
+        assert!(out.status == Some(0), "case {}: berth check of the file in the user data:\n{}", case.name, out.both());
 
         let install = files
             .iter()
             .find(|f| f["path"] == "/usr/local/sbin/berth-install")
             .unwrap_or_else(|| panic!("case {}: no install script in write_files", case.name));
-        assert!(
-            permissions_are(install, 0o700),
-            "case {}: install script entry {install}",
-            case.name
-        );
-        let script = dir.write(
-            &format!("{}.berth-install.sh", case.name),
-            install["content"].as_str().unwrap(),
-        );
+        assert!(permissions_are(install, 0o700), "case {}: install script entry {install}", case.name);
+        let script = dir.write(&format!("{}.berth-install.sh", case.name), install["content"].as_str().unwrap());
         let mut sh = Command::new("sh");
         sh.arg("-n").arg(&script);
         let out = run(sh, Duration::from_secs(10));
-        assert!(
-            out.ok(),
-            "case {}: the install script is not valid sh:\n{}",
-            case.name,
-            out.both()
-        );
+        assert!(out.ok(), "case {}: the install script is not valid sh:\n{}", case.name, out.both());
 
         let cmds = runcmd_lines(&doc);
         let enable = cmds
@@ -500,17 +414,8 @@ fn rendered_cloud_config_writes_the_config_and_starts_berth() {
             .iter()
             .position(|c| c.contains("/usr/local/sbin/berth-install"))
             .unwrap_or_else(|| panic!("case {}: runcmd never runs the install script: {cmds:?}", case.name));
-        assert!(
-            install_at < enable,
-            "case {}: berth is enabled before it is installed: {cmds:?}",
-            case.name
-        );
-        println!(
-            "case {}: cloud-config OK ({} bytes, runcmd {:?})",
-            case.name,
-            text.len(),
-            cmds
-        );
+        assert!(install_at < enable, "case {}: berth is enabled before it is installed: {cmds:?}", case.name);
+        println!("case {}: cloud-config OK ({} bytes, runcmd {:?})", case.name, text.len(), cmds);
     }
 }
 
@@ -531,10 +436,7 @@ fn stub_path(dir: &Path, with_apt: bool) -> PathBuf {
     }
     std::fs::create_dir_all(&bin).unwrap();
     for tool in ["sed", "mktemp", "sha256sum", "rm", "head", "cat", "mkdir", "sleep"] {
-        let real = ["/usr/bin", "/bin"]
-            .iter()
-            .map(|d| Path::new(d).join(tool))
-            .find(|p| p.exists());
+        let real = ["/usr/bin", "/bin"].iter().map(|d| Path::new(d).join(tool)).find(|p| p.exists());
         let real = real.unwrap_or_else(|| panic!("{tool} not found in /usr/bin or /bin"));
         std::os::unix::fs::symlink(real, bin.join(tool)).unwrap();
     }
@@ -560,10 +462,7 @@ fn rendered_install_script_installs_the_package_for_the_ami_family() {
     let script_of = |case: &Case| -> PathBuf {
         let doc = parse_cloud_config(&dir, &format!("{}-install", case.name), &case.cloud_config);
         let files = doc["write_files"].as_array().unwrap();
-        let content = files
-            .iter()
-            .find(|f| f["path"] == "/usr/local/sbin/berth-install")
-            .unwrap()["content"]
+        let content = files.iter().find(|f| f["path"] == "/usr/local/sbin/berth-install").unwrap()["content"]
             .as_str()
             .unwrap()
             .to_string();
@@ -585,51 +484,27 @@ fn rendered_install_script_installs_the_package_for_the_ami_family() {
 
     // Debian/Ubuntu: apt, the .deb for this architecture, from S3; the config kept.
     let (out, log) = run_script(&script_of(full), true, "full-apt");
-    assert!(
-        out.ok(),
-        "install script (apt) failed:\n{}\n--- calls\n{log}",
-        out.both()
-    );
+    assert!(out.ok(), "install script (apt) failed:\n{}\n--- calls\n{log}", out.both());
     for want in [
         "apt-get install -y -q docker.io",
         "systemctl enable --now --no-block docker.service",
         "aws s3 cp --only-show-errors s3://berth-artifacts-123456789012/berth/0.1.0/berth_0.1.0_amd64.deb",
         "apt-get install -y -q -o Dpkg::Options::=--force-confdef -o Dpkg::Options::=--force-confold /",
     ] {
-        assert!(
-            log.contains(want),
-            "install script (apt) never ran {want:?}; calls:\n{log}"
-        );
+        assert!(log.contains(want), "install script (apt) never ran {want:?}; calls:\n{log}");
     }
     // Amazon Linux 2023: dnf and the .rpm.
     let (out, log) = run_script(&script_of(full), false, "full-dnf");
-    assert!(
-        out.ok(),
-        "install script (dnf) failed:\n{}\n--- calls\n{log}",
-        out.both()
-    );
-    for want in [
-        "dnf install -y -q docker",
-        "berth_0.1.0_x86_64.rpm",
-        "dnf install -y -q /",
-    ] {
-        assert!(
-            log.contains(want),
-            "install script (dnf) never ran {want:?}; calls:\n{log}"
-        );
+    assert!(out.ok(), "install script (dnf) failed:\n{}\n--- calls\n{log}", out.both());
+    for want in ["dnf install -y -q docker", "berth_0.1.0_x86_64.rpm", "dnf install -y -q /"] {
+        assert!(log.contains(want), "install script (dnf) never ran {want:?}; calls:\n{log}");
     }
     // A download that does not match package_sha256 is never installed.
     let (out, log) = run_script(&script_of(minimal), true, "minimal-apt");
-    assert!(
-        !out.ok(),
-        "a package with the wrong checksum was accepted; calls:\n{log}"
-    );
+    assert!(!out.ok(), "a package with the wrong checksum was accepted; calls:\n{log}");
     assert!(out.stderr.contains("does not match package_sha256"), "{}", out.both());
     assert!(
-        log.contains("curl ")
-            && !log
-                .lines()
-                .any(|l| l.starts_with("apt-get install") && l.contains("berth.deb")),
+        log.contains("curl ") && !log.lines().any(|l| l.starts_with("apt-get install") && l.contains("berth.deb")),
         "the mismatching package was installed; calls:\n{log}"
     );
     println!("install script: apt and dnf paths install the right package; a checksum mismatch stops it");
@@ -702,9 +577,7 @@ fn policy_problems(policy: &Value) -> Vec<String> {
             let via = &st["Condition"]["StringEquals"]["kms:ViaService"];
             let services = strings(via);
             if services.is_empty()
-                || !services
-                    .iter()
-                    .all(|s| s.starts_with("ssm.") || s.starts_with("secretsmanager."))
+                || !services.iter().all(|s| s.starts_with("ssm.") || s.starts_with("secretsmanager."))
             {
                 problems.push(format!(
                     "{sid}: kms actions without a kms:ViaService = ssm.REGION.amazonaws.com condition (got {via})"
@@ -730,12 +603,7 @@ fn rendered_iam_policies_keep_ssm_and_kms_off_wildcard_resources() {
     for case in &r.cases {
         let p = &case.iam_policy;
         assert_eq!(p["Version"], "2012-10-17", "case {}", case.name);
-        assert_eq!(
-            statements(p).len() as u64,
-            case.statement_count,
-            "case {}: iam_policy_statement_count",
-            case.name
-        );
+        assert_eq!(statements(p).len() as u64, case.statement_count, "case {}: iam_policy_statement_count", case.name);
         let problems = policy_problems(p);
         assert!(
             problems.is_empty(),
@@ -762,10 +630,7 @@ fn rendered_iam_policies_keep_ssm_and_kms_off_wildcard_resources() {
             }
         }
     }
-    assert!(
-        r.cases.iter().any(|c| c.session_manager_policy.is_some()),
-        "no case renders the Session Manager policy"
-    );
+    assert!(r.cases.iter().any(|c| c.session_manager_policy.is_some()), "no case renders the Session Manager policy");
 
     // The full case: each feature's statement is there, on exactly its resources.
     let full = r.cases.iter().find(|c| c.name == "full").expect("full case");
@@ -789,10 +654,7 @@ fn rendered_iam_policies_keep_ssm_and_kms_off_wildcard_resources() {
     );
     let fleet = by_sid("FleetAcmeState");
     for r in strings(&fleet["Resource"]) {
-        assert!(
-            r.starts_with(&format!("{arn}/myapp/prod/berth/")),
-            "fleet writes outside the prefix: {r}"
-        );
+        assert!(r.starts_with(&format!("{arn}/myapp/prod/berth/")), "fleet writes outside the prefix: {r}");
     }
     // The EAB MAC key: read-only, that one parameter.
     let eab = by_sid("ReadAcmeEabKey");
@@ -800,15 +662,9 @@ fn rendered_iam_policies_keep_ssm_and_kms_off_wildcard_resources() {
     assert_eq!(strings(&eab["Resource"]), [format!("{arn}/myapp/prod/acme-eab-key")]);
     // ecr:GetAuthorizationToken has no resource-level permissions: "*" is AWS's design, and
     // the only "*" allowed; the pulls themselves are per repository.
-    assert_eq!(
-        strings(&by_sid("EcrAuthorizationToken")["Action"]),
-        ["ecr:GetAuthorizationToken"]
-    );
+    assert_eq!(strings(&by_sid("EcrAuthorizationToken")["Action"]), ["ecr:GetAuthorizationToken"]);
     for r in strings(&by_sid("EcrPull")["Resource"]) {
-        assert!(
-            r.starts_with("arn:aws:ecr:eu-west-1:123456789012:repository/myapp/"),
-            "ECR pull on {r}"
-        );
+        assert!(r.starts_with("arn:aws:ecr:eu-west-1:123456789012:repository/myapp/"), "ECR pull on {r}");
     }
     for st in statements(&full.iam_policy) {
         if strings(&st["Resource"]).iter().any(|r| r == "*") {
@@ -819,10 +675,7 @@ fn rendered_iam_policies_keep_ssm_and_kms_off_wildcard_resources() {
             );
         }
     }
-    println!(
-        "IAM: {} statements in the full case, none with ssm/kms on \"*\"",
-        full.statement_count
-    );
+    println!("IAM: {} statements in the full case, none with ssm/kms on \"*\"", full.statement_count);
 }
 
 /// The rule itself catches what it is for (a test of the test).
@@ -835,22 +688,9 @@ fn policy_rule_rejects_wildcards() {
     ]});
     let problems = policy_problems(&bad);
     assert!(problems.iter().any(|p| p.starts_with("A:")), "{problems:?}");
-    assert!(
-        problems
-            .iter()
-            .any(|p| p.starts_with("B:") && p.contains("kms:ViaService")),
-        "{problems:?}"
-    );
-    assert!(
-        problems
-            .iter()
-            .any(|p| p.starts_with("C:") && p.contains("parameter/*")),
-        "{problems:?}"
-    );
-    assert!(
-        problems.iter().any(|p| p.starts_with("C:") && p.contains("writes")),
-        "{problems:?}"
-    );
+    assert!(problems.iter().any(|p| p.starts_with("B:") && p.contains("kms:ViaService")), "{problems:?}");
+    assert!(problems.iter().any(|p| p.starts_with("C:") && p.contains("parameter/*")), "{problems:?}");
+    assert!(problems.iter().any(|p| p.starts_with("C:") && p.contains("writes")), "{problems:?}");
 }
 
 #[test]
@@ -887,25 +727,11 @@ output "toml" {
     .unwrap();
     must(
         "terraform init (nested-prefix root)",
-        run(
-            tf(&bin, &rc, &root, &["init", "-backend=false", "-no-color"]),
-            Duration::from_secs(120),
-        ),
+        run(tf(&bin, &rc, &root, &["init", "-backend=false", "-no-color"]), Duration::from_secs(120)),
     );
-    let out = run(
-        tf(&bin, &rc, &root, &["apply", "-auto-approve", "-no-color"]),
-        Duration::from_secs(120),
-    );
-    assert!(
-        !out.ok(),
-        "a fleet prefix under secrets.path must be refused:\n{}",
-        out.both()
-    );
-    assert!(
-        out.stderr.contains("must not lie under secrets.path"),
-        "unexpected error:\n{}",
-        out.both()
-    );
+    let out = run(tf(&bin, &rc, &root, &["apply", "-auto-approve", "-no-color"]), Duration::from_secs(120));
+    assert!(!out.ok(), "a fleet prefix under secrets.path must be refused:\n{}", out.both());
+    assert!(out.stderr.contains("must not lie under secrets.path"), "unexpected error:\n{}", out.both());
 }
 
 // ------------------------------------------------------------------------------------------
@@ -940,15 +766,8 @@ fn example_root_validates_and_plans_where_providers_are_available() {
     let infra = copy_infra(dir.path());
     let root = infra.join("examples/fleet");
 
-    let init = run(
-        tf(
-            &bin,
-            &rc,
-            &root,
-            &["init", "-backend=false", "-input=false", "-no-color"],
-        ),
-        Duration::from_secs(180),
-    );
+    let init =
+        run(tf(&bin, &rc, &root, &["init", "-backend=false", "-input=false", "-no-color"]), Duration::from_secs(180));
     if !init.ok() {
         let why = init
             .stderr
@@ -966,15 +785,9 @@ fn example_root_validates_and_plans_where_providers_are_available() {
     }
     let validate = must(
         "terraform validate (examples/fleet)",
-        run(
-            tf(&bin, &rc, &root, &["validate", "-no-color"]),
-            Duration::from_secs(180),
-        ),
+        run(tf(&bin, &rc, &root, &["validate", "-no-color"]), Duration::from_secs(180)),
     );
-    println!(
-        "terraform validate of infra/examples/fleet with providers from {source}: {}",
-        validate.stdout.trim()
-    );
+    println!("terraform validate of infra/examples/fleet with providers from {source}: {}", validate.stdout.trim());
 
     // The modules on their own, too (each must stand alone for other roots), in parallel.
     std::thread::scope(|s| {
@@ -983,10 +796,7 @@ fn example_root_validates_and_plans_where_providers_are_available() {
             s.spawn(move || {
                 must(
                     &format!("terraform init (modules/{m})"),
-                    run(
-                        tf(bin, rc, &mdir, &["init", "-backend=false", "-no-color"]),
-                        Duration::from_secs(180),
-                    ),
+                    run(tf(bin, rc, &mdir, &["init", "-backend=false", "-no-color"]), Duration::from_secs(180)),
                 );
                 must(
                     &format!("terraform validate (modules/{m})"),
@@ -1008,21 +818,8 @@ fn plan_against_moto(bin: &Path, rc: &Path, dir: &TestDir, root: &Path) {
         );
         return;
     };
-    let services = [
-        "acm",
-        "autoscaling",
-        "ec2",
-        "elbv2",
-        "iam",
-        "kms",
-        "route53",
-        "ssm",
-        "sts",
-    ];
-    let endpoints = services
-        .iter()
-        .map(|s| format!("    {s} = {moto:?}\n"))
-        .collect::<String>();
+    let services = ["acm", "autoscaling", "ec2", "elbv2", "iam", "kms", "route53", "ssm", "sts"];
+    let endpoints = services.iter().map(|s| format!("    {s} = {moto:?}\n")).collect::<String>();
     std::fs::write(
         root.join("moto_override.tf"),
         format!(
@@ -1047,45 +844,22 @@ acme_contact    = ["mailto:ops@example.com"]
     let plan_file = dir.path().join("example.tfplan");
     let plan_arg = format!("-out={}", plan_file.display());
     let plan = run(
-        tf(
-            bin,
-            rc,
-            root,
-            &["plan", "-input=false", "-no-color", "-lock=false", &plan_arg],
-        ),
+        tf(bin, rc, root, &["plan", "-input=false", "-no-color", "-lock=false", &plan_arg]),
         Duration::from_secs(300),
     );
-    assert!(
-        plan.ok(),
-        "terraform plan of infra/examples/fleet against moto ({moto}) failed:\n{}",
-        plan.both()
-    );
-    let summary = plan
-        .stdout
-        .lines()
-        .find(|l| l.starts_with("Plan:"))
-        .unwrap_or("(no summary)")
-        .to_string();
+    assert!(plan.ok(), "terraform plan of infra/examples/fleet against moto ({moto}) failed:\n{}", plan.both());
+    let summary = plan.stdout.lines().find(|l| l.starts_with("Plan:")).unwrap_or("(no summary)").to_string();
     let show = must(
         "terraform show -json (example plan)",
-        run(
-            tf(bin, rc, root, &["show", "-json", plan_file.to_str().unwrap()]),
-            Duration::from_secs(120),
-        ),
+        run(tf(bin, rc, root, &["show", "-json", plan_file.to_str().unwrap()]), Duration::from_secs(120)),
     );
     let plan_json: Value = serde_json::from_str(&show.stdout).expect("plan JSON");
     let changes = plan_json["resource_changes"].as_array().expect("resource_changes");
     let find = |address: &str| {
-        changes
-            .iter()
-            .find(|c| c["address"] == address)
-            .unwrap_or_else(|| panic!("the plan has no {address}"))
-            .clone()
+        changes.iter().find(|c| c["address"] == address).unwrap_or_else(|| panic!("the plan has no {address}")).clone()
     };
     let lt = find("module.fleet.aws_launch_template.this");
-    let user_data_b64 = lt["change"]["after"]["user_data"]
-        .as_str()
-        .expect("user_data known at plan time");
+    let user_data_b64 = lt["change"]["after"]["user_data"].as_str().expect("user_data known at plan time");
     for address in [
         "module.fleet.aws_autoscaling_group.this",
         "module.fleet.aws_autoscaling_lifecycle_hook.drain[0]",
@@ -1123,10 +897,7 @@ acme_contact    = ["mailto:ops@example.com"]
         "berth check of the example's planned user data:\n{}\n--- berth.toml\n{toml}",
         check.both()
     );
-    assert!(
-        toml.contains("shared = \"/myapp/prod/berth\"") && toml.contains("path = \"/myapp/prod/env/\""),
-        "{toml}"
-    );
+    assert!(toml.contains("shared = \"/myapp/prod/berth\"") && toml.contains("path = \"/myapp/prod/env/\""), "{toml}");
     println!(
         "terraform plan of infra/examples/fleet against moto: {summary}; berth check of the planned user data: exit 0"
     );

@@ -31,7 +31,12 @@ fn notifies_systemd_and_stops_cleanly_on_sigterm() {
         .env_remove("LISTEN_FDS");
     let mut berth = Berth::spawn(cmd, &dir);
 
-    assert!(notify.wait_for("READY=1", Duration::from_secs(10)), "no READY=1; got {:?}\n{}", notify.received, berth.logs());
+    assert!(
+        notify.wait_for("READY=1", Duration::from_secs(10)),
+        "no READY=1; got {:?}\n{}",
+        notify.received,
+        berth.logs()
+    );
     // READY=1 and its STATUS= come in one datagram: the line `systemctl status berth` shows
     // from the moment the unit counts as started. No apps, no secrets: nothing to wait for.
     assert_eq!(
@@ -122,7 +127,9 @@ fn health_is_503_until_apps_are_healthy_and_http_redirects_to_https() {
     assert_eq!(code, 503);
     // Docker finishes a create berth asked for even if berth is killed meanwhile; wait for
     // it, so the TestApp cleanup sees (and removes) the container instead of racing it.
-    wait_for("the app container to exist", Duration::from_secs(30), || (!app.containers(false).is_empty()).then_some(()));
+    wait_for("the app container to exist", Duration::from_secs(30), || {
+        (!app.containers(false).is_empty()).then_some(())
+    });
 }
 
 #[test]

@@ -15,14 +15,13 @@ fn scrape(port: u16) -> Scrape {
 
 /// The value of `metric` whose labels include all of `labels`.
 fn value(s: &Scrape, metric: &str, labels: &[(&str, &str)]) -> Option<f64> {
-    s.samples
-        .iter()
-        .find(|x| x.metric == metric && labels.iter().all(|(k, v)| x.labels.get(k) == Some(*v)))
-        .map(|x| match &x.value {
+    s.samples.iter().find(|x| x.metric == metric && labels.iter().all(|(k, v)| x.labels.get(k) == Some(*v))).map(|x| {
+        match &x.value {
             Value::Counter(v) | Value::Gauge(v) | Value::Untyped(v) => *v,
             Value::Histogram(h) => h.iter().map(|b| b.count).fold(0.0, f64::max),
             Value::Summary(_) => f64::NAN,
-        })
+        }
+    })
 }
 
 /// The test app as `[apps.NAME]`, health-checked every 300 ms, with `keys` added to its
@@ -73,10 +72,23 @@ fn metrics_status_and_deploy() {
     let s1 = scrape(metrics_port);
     // access_log = "all": one event per request, with the fields an operator filters on.
     let logs = berth.logs();
-    let events: Vec<&str> = logs.lines().filter(|l| l.contains(" request ") && log_field(l, "app", &app.name)).collect();
+    let events: Vec<&str> =
+        logs.lines().filter(|l| l.contains(" request ") && log_field(l, "app", &app.name)).collect();
     assert!(events.len() >= 7, "7 access events expected:\n{logs}");
-    for (key, value) in [("method", "GET"), ("path", "/"), ("status", "200"), ("duration_us", ""), ("bytes", ""), ("peer", "127.0.0.1"), ("host", "127.0.0.1:")] {
-        assert!(events.iter().all(|l| log_field(l, key, value)), "access events lack {key}={value}:\n{}", events.join("\n"));
+    for (key, value) in [
+        ("method", "GET"),
+        ("path", "/"),
+        ("status", "200"),
+        ("duration_us", ""),
+        ("bytes", ""),
+        ("peer", "127.0.0.1"),
+        ("host", "127.0.0.1:"),
+    ] {
+        assert!(
+            events.iter().all(|l| log_field(l, key, value)),
+            "access events lack {key}={value}:\n{}",
+            events.join("\n")
+        );
     }
     // The container's address as berth reached it.
     for l in &events {
@@ -93,7 +105,8 @@ fn metrics_status_and_deploy() {
     let id = app.containers(true)[0].clone();
     Command::new("docker").args(["kill", &id]).output().unwrap();
     wait_for("the restart to be counted", Duration::from_secs(20), || {
-        (value(&scrape(metrics_port), "berth_container_restarts_total", &[("app", &app.name)]) == Some(1.0)).then_some(())
+        (value(&scrape(metrics_port), "berth_container_restarts_total", &[("app", &app.name)]) == Some(1.0))
+            .then_some(())
     });
     wait_for("healthy again", Duration::from_secs(20), || {
         (value(&scrape(metrics_port), "berth_app_healthy", &[("app", &app.name)]) == Some(1.0)).then_some(())
@@ -170,7 +183,11 @@ fn a_burst_past_max_connections_waits_shows_in_metrics_and_a_reload_raises_the_c
         (value(&s, "berth_app_requests_waiting", &labels) == Some(4.0)).then_some(s)
     });
     assert_eq!(value(&during, "berth_app_connections", &[("app", app.name.as_str()), ("state", "open")]), Some(2.0));
-    assert_eq!(value(&during, "berth_app_requests_in_flight", &labels), Some(6.0), "waiting requests count as in flight");
+    assert_eq!(
+        value(&during, "berth_app_requests_in_flight", &labels),
+        Some(6.0),
+        "waiting requests count as in flight"
+    );
     // `berth status` says the same, for an operator on the instance.
     let (code, json, err) = berth_cmd(&["status", "--json"], &cfg);
     assert_eq!(code, 0, "{err}");
@@ -185,7 +202,10 @@ fn a_burst_past_max_connections_waits_shows_in_metrics_and_a_reload_raises_the_c
         assert_eq!(r.join().unwrap(), 200, "every request past the cap is served, late");
     }
     let took = started.elapsed();
-    assert!(took >= Duration::from_millis(3 * SLEEP_MS - 200), "6 requests over 2 connections take 3 waves; took {took:?}");
+    assert!(
+        took >= Duration::from_millis(3 * SLEEP_MS - 200),
+        "6 requests over 2 connections take 3 waves; took {took:?}"
+    );
     let s = scrape(metrics_port);
     assert_eq!(value(&s, "berth_app_requests_waiting", &labels), Some(0.0));
     assert_eq!(value(&s, "berth_app_requests_in_flight", &labels), Some(0.0));

@@ -44,10 +44,7 @@ const IMAGE: &str = "berth-test-systemd:v1";
 const UNITS: [&str; 3] = ["berth.service", "berth.socket", "berth-https.socket"];
 
 fn repo_root() -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR"))
-        .parent()
-        .unwrap()
-        .to_path_buf()
+    Path::new(env!("CARGO_MANIFEST_DIR")).parent().unwrap().to_path_buf()
 }
 
 fn under_ci() -> bool {
@@ -64,12 +61,7 @@ fn unavailable(why: &str) {
 }
 
 fn bash(script: &str) -> Output {
-    Command::new("bash")
-        .arg("-c")
-        .arg(script)
-        .stdin(Stdio::null())
-        .output()
-        .expect("bash")
+    Command::new("bash").arg("-c").arg(script).stdin(Stdio::null()).output().expect("bash")
 }
 
 fn text(b: &[u8]) -> String {
@@ -79,13 +71,7 @@ fn text(b: &[u8]) -> String {
 /// Runs `script` on the host; panics with its output unless it succeeded.
 fn bash_ok(script: &str) -> String {
     let out = bash(script);
-    assert!(
-        out.status.success(),
-        "`{script}` failed ({}):\n{}\n{}",
-        out.status,
-        text(&out.stdout),
-        text(&out.stderr)
-    );
+    assert!(out.status.success(), "`{script}` failed ({}):\n{}\n{}", out.status, text(&out.stdout), text(&out.stderr));
     text(&out.stdout)
 }
 
@@ -117,25 +103,13 @@ fn units_pass_systemd_analyze_verify() {
     for u in UNITS {
         std::fs::copy(repo_root().join("packaging").join(u), unit_dir.join(u)).unwrap();
     }
-    let units: Vec<String> = UNITS
-        .iter()
-        .map(|u| unit_dir.join(u).display().to_string())
-        .collect();
-    let out = bash(&format!(
-        "SYSTEMD_LOG_LEVEL=notice systemd-analyze verify --root={r} {} 2>&1",
-        units.join(" ")
-    ));
+    let units: Vec<String> = UNITS.iter().map(|u| unit_dir.join(u).display().to_string()).collect();
+    let out = bash(&format!("SYSTEMD_LOG_LEVEL=notice systemd-analyze verify --root={r} {} 2>&1", units.join(" ")));
     let said = text(&out.stdout);
-    assert!(
-        out.status.success(),
-        "systemd-analyze verify failed:\n{said}"
-    );
+    assert!(out.status.success(), "systemd-analyze verify failed:\n{said}");
     // verify exits 0 on warnings (an unknown key, say); none may concern our units.
     let ours: Vec<&str> = said.lines().filter(|l| l.contains("berth")).collect();
-    assert!(
-        ours.is_empty(),
-        "systemd-analyze verify warns about the units:\n{said}"
-    );
+    assert!(ours.is_empty(), "systemd-analyze verify warns about the units:\n{said}");
 }
 
 /// The packaged default config is valid as it stands (no apps, self-signed).
@@ -146,12 +120,7 @@ fn default_config_passes_berth_check() {
         .arg(repo_root().join("packaging/berth.toml"))
         .output()
         .unwrap();
-    assert!(
-        out.status.success(),
-        "berth check packaging/berth.toml: {}\n{}",
-        text(&out.stdout),
-        text(&out.stderr)
-    );
+    assert!(out.status.success(), "berth check packaging/berth.toml: {}\n{}", text(&out.stdout), text(&out.stderr));
 }
 
 /// The example launch-template user data is valid YAML with the `#cloud-config` header, writes
@@ -161,19 +130,13 @@ fn default_config_passes_berth_check() {
 fn cloud_config_writes_a_valid_config_and_enables_berth() {
     let path = repo_root().join("packaging/cloud-config.yaml");
     let raw = std::fs::read_to_string(&path).unwrap();
-    assert!(
-        raw.starts_with("#cloud-config\n"),
-        "cloud-init needs the #cloud-config header"
-    );
+    assert!(raw.starts_with("#cloud-config\n"), "cloud-init needs the #cloud-config header");
     let out = bash(&format!(
         "python3 -c 'import json, sys, yaml; print(json.dumps(yaml.safe_load(open(sys.argv[1]))))' {}",
         path.display()
     ));
     if !out.status.success() {
-        return unavailable(&format!(
-            "python3 with PyYAML is needed to read the YAML: {}",
-            text(&out.stderr)
-        ));
+        return unavailable(&format!("python3 with PyYAML is needed to read the YAML: {}", text(&out.stderr)));
     }
     let doc: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
     let file = doc["write_files"]
@@ -185,35 +148,20 @@ fn cloud_config_writes_a_valid_config_and_enables_berth() {
     let dir = tempfile::tempdir().unwrap();
     let cfg = dir.path().join("berth.toml");
     std::fs::write(&cfg, file["content"].as_str().unwrap()).unwrap();
-    let check = Command::new(berth_tests::berth_bin())
-        .args(["check", "-c"])
-        .arg(&cfg)
-        .output()
-        .unwrap();
-    assert!(
-        check.status.success(),
-        "berth check on the user data's config: {}",
-        text(&check.stderr)
-    );
+    let check = Command::new(berth_tests::berth_bin()).args(["check", "-c"]).arg(&cfg).output().unwrap();
+    assert!(check.status.success(), "berth check on the user data's config: {}", text(&check.stderr));
     let cmds: Vec<String> = doc["runcmd"]
         .as_array()
         .unwrap()
         .iter()
-        .map(|c| {
-            c.as_str()
-                .map(str::to_owned)
-                .unwrap_or_else(|| c.to_string())
-        })
+        .map(|c| c.as_str().map(str::to_owned).unwrap_or_else(|| c.to_string()))
         .collect();
     assert_eq!(
         cmds.last().map(String::as_str),
         Some("systemctl enable --now --no-block berth.socket berth.service"),
         "runcmd: {cmds:?}"
     );
-    assert!(
-        cmds.iter().any(|c| c.starts_with("berth check")),
-        "runcmd checks the config first: {cmds:?}"
-    );
+    assert!(cmds.iter().any(|c| c.starts_with("berth check")), "runcmd checks the config first: {cmds:?}");
 }
 
 /// The package of `kind` ("deb" or "rpm") to test: `BERTH_TEST_DEB`/`BERTH_TEST_RPM` if set;
@@ -235,11 +183,7 @@ fn package(kind: &str) -> PathBuf {
 }
 
 fn build_package(kind: &str) -> PathBuf {
-    let var = if kind == "deb" {
-        "BERTH_TEST_DEB"
-    } else {
-        "BERTH_TEST_RPM"
-    };
+    let var = if kind == "deb" { "BERTH_TEST_DEB" } else { "BERTH_TEST_RPM" };
     if let Some(p) = std::env::var_os(var) {
         return p.into();
     }
@@ -249,24 +193,14 @@ fn build_package(kind: &str) -> PathBuf {
         cmd.arg("--bin").arg(berth_tests::berth_bin());
     }
     let out = cmd.output().unwrap();
-    assert!(
-        out.status.success(),
-        "packaging/build --{kind} failed:\n{}\n{}",
-        text(&out.stdout),
-        text(&out.stderr)
-    );
+    assert!(out.status.success(), "packaging/build --{kind} failed:\n{}\n{}", text(&out.stdout), text(&out.stderr));
     // The script prints the package paths it wrote, one per line, last.
     let path = text(&out.stdout)
         .lines()
         .rev()
         .find(|l| l.ends_with(&format!(".{kind}")))
         .map(PathBuf::from)
-        .unwrap_or_else(|| {
-            panic!(
-                "packaging/build --{kind} named no .{kind}:\n{}",
-                text(&out.stdout)
-            )
-        });
+        .unwrap_or_else(|| panic!("packaging/build --{kind} named no .{kind}:\n{}", text(&out.stdout)));
     assert!(path.exists(), "{} does not exist", path.display());
     path
 }
@@ -288,10 +222,7 @@ fn rpm_has_units_conffile_and_scriptlets() {
         "-rw-r--r--  /usr/lib/systemd/system/berth-https.socket",
         "-rw------- cn /etc/berth/berth.toml",
     ] {
-        assert!(
-            files.lines().any(|l| l.trim() == want),
-            "rpm lacks `{want}`:\n{files}"
-        );
+        assert!(files.lines().any(|l| l.trim() == want), "rpm lacks `{want}`:\n{files}");
     }
     let scripts = q("--scripts");
     for want in [
@@ -300,10 +231,7 @@ fn rpm_has_units_conffile_and_scriptlets() {
         "systemctl --no-reload disable --now berth.service berth.socket berth-https.socket",
         "systemctl try-restart berth.service",
     ] {
-        assert!(
-            scripts.contains(want),
-            "rpm scriptlets lack `{want}`:\n{scripts}"
-        );
+        assert!(scripts.contains(want), "rpm scriptlets lack `{want}`:\n{scripts}");
     }
     // The binary is static: nothing for the dynamic loader of Amazon Linux to resolve.
     let requires = q("--requires");
@@ -326,75 +254,34 @@ fn deb_has_units_conffile_and_maintainer_scripts() {
         "./usr/lib/systemd/system/berth-https.socket",
         "./etc/berth/berth.toml",
     ] {
-        assert!(
-            contents.lines().any(|l| l.ends_with(want)),
-            "deb lacks {want}:\n{contents}"
-        );
+        assert!(contents.lines().any(|l| l.ends_with(want)), "deb lacks {want}:\n{contents}");
     }
-    let toml_line = contents
-        .lines()
-        .find(|l| l.ends_with("./etc/berth/berth.toml"))
-        .unwrap();
-    assert!(
-        toml_line.starts_with("-rw-------"),
-        "/etc/berth/berth.toml must be 0600: {toml_line}"
-    );
+    let toml_line = contents.lines().find(|l| l.ends_with("./etc/berth/berth.toml")).unwrap();
+    assert!(toml_line.starts_with("-rw-------"), "/etc/berth/berth.toml must be 0600: {toml_line}");
     let dir = tempfile::tempdir().unwrap();
-    bash_ok(&format!(
-        "dpkg-deb -e '{}' {}",
-        deb.display(),
-        dir.path().display()
-    ));
+    bash_ok(&format!("dpkg-deb -e '{}' {}", deb.display(), dir.path().display()));
     let conffiles = std::fs::read_to_string(dir.path().join("conffiles")).unwrap_or_default();
-    assert!(
-        conffiles.lines().any(|l| l == "/etc/berth/berth.toml"),
-        "conffiles: {conffiles:?}"
-    );
+    assert!(conffiles.lines().any(|l| l == "/etc/berth/berth.toml"), "conffiles: {conffiles:?}");
     let postinst = std::fs::read_to_string(dir.path().join("postinst")).unwrap_or_default();
     for unit in UNITS {
-        assert!(
-            postinst.contains(unit),
-            "postinst does not handle {unit}:\n{postinst}"
-        );
+        assert!(postinst.contains(unit), "postinst does not handle {unit}:\n{postinst}");
     }
-    assert!(
-        postinst.contains("deb-systemd-helper"),
-        "postinst does not enable the units:\n{postinst}"
-    );
-    assert!(
-        postinst.contains("deb-systemd-invoke"),
-        "postinst does not (re)start the units:\n{postinst}"
-    );
+    assert!(postinst.contains("deb-systemd-helper"), "postinst does not enable the units:\n{postinst}");
+    assert!(postinst.contains("deb-systemd-invoke"), "postinst does not (re)start the units:\n{postinst}");
     let prerm = std::fs::read_to_string(dir.path().join("prerm")).unwrap_or_default();
     let postrm = std::fs::read_to_string(dir.path().join("postrm")).unwrap_or_default();
-    assert!(
-        postrm.contains("purge"),
-        "postrm forgets the units on purge:\n{postrm}"
-    );
-    assert!(
-        prerm.contains("remove"),
-        "prerm stops berth on remove:\n{prerm}"
-    );
+    assert!(postrm.contains("purge"), "postrm forgets the units on purge:\n{postrm}");
+    assert!(prerm.contains("remove"), "prerm stops berth on remove:\n{prerm}");
     let depends = bash_ok(&format!("dpkg-deb -f '{}' Depends", deb.display()));
-    assert!(
-        !depends.contains("libc6"),
-        "the deb declares no shared library (the release binary is static): {depends}"
-    );
+    assert!(!depends.contains("libc6"), "the deb declares no shared library (the release binary is static): {depends}");
     // The packaged binary runs; a release build (BERTH_TEST_PACKAGING_RELEASE=1) is static.
-    bash_ok(&format!(
-        "dpkg-deb -x '{}' {}",
-        deb.display(),
-        dir.path().join("root").display()
-    ));
+    bash_ok(&format!("dpkg-deb -x '{}' {}", deb.display(), dir.path().join("root").display()));
     let bin = dir.path().join("root/usr/bin/berth");
     let version = bash_ok(&format!("{} --version", bin.display()));
     assert!(version.starts_with("berth "), "{version}");
     if std::env::var("BERTH_TEST_PACKAGING_RELEASE").is_ok_and(|v| v == "1") {
         let headers = bash_ok(&format!("readelf -lW {}", bin.display()));
-        assert!(
-            !headers.contains("program interpreter"),
-            "the release binary must be static:\n{headers}"
-        );
+        assert!(!headers.contains("program interpreter"), "the release binary must be static:\n{headers}");
     }
 }
 
@@ -403,18 +290,12 @@ fn deb_has_units_conffile_and_maintainer_scripts() {
 
 /// The systemd image (built once per machine by `packaging/test-image`, under a lock).
 fn ensure_image() -> Result<(), String> {
-    let out = Command::new(repo_root().join("packaging/test-image"))
-        .output()
-        .unwrap();
+    let out = Command::new(repo_root().join("packaging/test-image")).output().unwrap();
     let name = text(&out.stdout);
     if out.status.success() && name == IMAGE {
         Ok(())
     } else {
-        Err(format!(
-            "packaging/test-image failed ({}): {}",
-            out.status,
-            text(&out.stderr)
-        ))
+        Err(format!("packaging/test-image failed ({}): {}", out.status, text(&out.stderr)))
     }
 }
 
@@ -430,34 +311,12 @@ impl Sysd {
         // etc. need, so the unit's hardening is really applied (without it systemd skips it:
         // "assuming containerized execution"). --privileged fails on this kind of machine.
         let out = Command::new("docker")
-            .args([
-                "run",
-                "-d",
-                "--name",
-                &name,
-                "--label",
-                "berth.test=packaging",
-            ])
+            .args(["run", "-d", "--name", &name, "--label", "berth.test=packaging"])
             .args(["--network", "host", "--cap-add", "SYS_ADMIN"])
-            .args([
-                "--security-opt",
-                "seccomp=unconfined",
-                "--security-opt",
-                "apparmor=unconfined",
-            ])
+            .args(["--security-opt", "seccomp=unconfined", "--security-opt", "apparmor=unconfined"])
             .args(["--tmpfs", "/run", "--tmpfs", "/run/lock", "--tmpfs", "/tmp"])
-            .args([
-                "--stop-signal",
-                "SIGRTMIN+3",
-                "-v",
-                "/sys/fs/cgroup:/sys/fs/cgroup:ro",
-            ])
-            .args([
-                "-v",
-                "/var/run/docker.sock:/run/docker.sock",
-                IMAGE,
-                "/lib/systemd/systemd",
-            ])
+            .args(["--stop-signal", "SIGRTMIN+3", "-v", "/sys/fs/cgroup:/sys/fs/cgroup:ro"])
+            .args(["-v", "/var/run/docker.sock:/run/docker.sock", IMAGE, "/lib/systemd/systemd"])
             .output()
             .unwrap();
         if !out.status.success() {
@@ -471,26 +330,15 @@ impl Sysd {
                 return Ok(c);
             }
             if Instant::now() > deadline {
-                let logs = text(
-                    &Command::new("docker")
-                        .args(["logs", &c.name])
-                        .output()
-                        .unwrap()
-                        .stderr,
-                );
-                return Err(format!(
-                    "systemd in the container never came up (state {state:?}):\n{logs}"
-                ));
+                let logs = text(&Command::new("docker").args(["logs", &c.name]).output().unwrap().stderr);
+                return Err(format!("systemd in the container never came up (state {state:?}):\n{logs}"));
             }
             std::thread::sleep(Duration::from_millis(200));
         }
     }
 
     fn exec(&self, script: &str) -> Output {
-        Command::new("docker")
-            .args(["exec", &self.name, "sh", "-c", script])
-            .output()
-            .unwrap()
+        Command::new("docker").args(["exec", &self.name, "sh", "-c", script]).output().unwrap()
     }
 
     /// stdout of `script` inside, whatever its exit status.
@@ -517,16 +365,8 @@ impl Sysd {
             .stdin(Stdio::piped())
             .spawn()
             .unwrap();
-        child
-            .stdin
-            .take()
-            .unwrap()
-            .write_all(contents.as_bytes())
-            .unwrap();
-        assert!(
-            child.wait().unwrap().success(),
-            "writing {path} in the container"
-        );
+        child.stdin.take().unwrap().write_all(contents.as_bytes()).unwrap();
+        assert!(child.wait().unwrap().success(), "writing {path} in the container");
     }
 
     fn show(&self, unit: &str, prop: &str) -> String {
@@ -547,20 +387,10 @@ impl Sysd {
                     for (k, v) in fields {
                         let standard = k.starts_with('_')
                             || k.starts_with("CODE_")
-                            || [
-                                "MESSAGE",
-                                "PRIORITY",
-                                "SYSLOG_IDENTIFIER",
-                                "TARGET",
-                                "INVOCATION_ID",
-                                "MESSAGE_ID",
-                            ]
-                            .contains(&k.as_str());
+                            || ["MESSAGE", "PRIORITY", "SYSLOG_IDENTIFIER", "TARGET", "INVOCATION_ID", "MESSAGE_ID"]
+                                .contains(&k.as_str());
                         if !standard {
-                            line.push_str(&format!(
-                                " {k}={}",
-                                v.as_str().unwrap_or(&v.to_string())
-                            ));
+                            line.push_str(&format!(" {k}={}", v.as_str().unwrap_or(&v.to_string())));
                         }
                     }
                 }
@@ -577,9 +407,7 @@ impl Drop for Sysd {
             eprintln!("kept container {}", self.name);
             return;
         }
-        let _ = Command::new("docker")
-            .args(["rm", "-f", "-v", &self.name])
-            .output();
+        let _ = Command::new("docker").args(["rm", "-f", "-v", &self.name]).output();
     }
 }
 
@@ -620,12 +448,7 @@ impl Pebble {
         wait_for("pebble to listen", Duration::from_secs(20), || {
             std::net::TcpStream::connect(("127.0.0.1", listen)).ok()
         });
-        Pebble {
-            child,
-            dir,
-            listen,
-            mgmt,
-        }
+        Pebble { child, dir, listen, mgmt }
     }
 
     fn directory(&self) -> String {
@@ -639,10 +462,7 @@ impl Pebble {
             berth_tests::env("BERTH_TEST_PEBBLE_CA"),
             self.mgmt
         ));
-        assert!(
-            root.contains("BEGIN CERTIFICATE"),
-            "no root from Pebble: {root}"
-        );
+        assert!(root.contains("BEGIN CERTIFICATE"), "no root from Pebble: {root}");
         let path = self.dir.path().join("root.pem");
         std::fs::write(&path, root).unwrap();
         path
@@ -668,16 +488,7 @@ fn acme_mode() -> bool {
 /// One https request with curl: (exit code, http status, body).
 fn https(port: u16, host: &str, path: &str, extra: &[&str]) -> (i32, u16, String) {
     let out = Command::new("curl")
-        .args([
-            "-sS",
-            "--max-time",
-            "15",
-            "-o",
-            "-",
-            "-w",
-            "\n%{http_code}",
-            "--resolve",
-        ])
+        .args(["-sS", "--max-time", "15", "-o", "-", "-w", "\n%{http_code}", "--resolve"])
         .arg(format!("{host}:{port}:127.0.0.1"))
         .args(extra)
         .arg(format!("https://{host}:{port}{path}"))
@@ -685,41 +496,21 @@ fn https(port: u16, host: &str, path: &str, extra: &[&str]) -> (i32, u16, String
         .unwrap();
     let t = String::from_utf8_lossy(&out.stdout).to_string();
     let (body, code) = t.rsplit_once('\n').unwrap_or(("", "0"));
-    (
-        out.status.code().unwrap_or(-1),
-        code.trim().parse().unwrap_or(0),
-        body.to_string(),
-    )
+    (out.status.code().unwrap_or(-1), code.trim().parse().unwrap_or(0), body.to_string())
 }
 
 fn http_health(port: u16) -> (i32, u16) {
     let out = Command::new("curl")
-        .args([
-            "-s",
-            "--max-time",
-            "5",
-            "-o",
-            "/dev/null",
-            "-w",
-            "%{http_code}",
-        ])
+        .args(["-s", "--max-time", "5", "-o", "/dev/null", "-w", "%{http_code}"])
         .arg(format!("http://127.0.0.1:{port}/_berth/health"))
         .output()
         .unwrap();
-    (
-        out.status.code().unwrap_or(-1),
-        text(&out.stdout).parse().unwrap_or(0),
-    )
+    (out.status.code().unwrap_or(-1), text(&out.stdout).parse().unwrap_or(0))
 }
 
 fn app_container(app: &TestApp) -> (String, String) {
     let ids = app.containers(true);
-    assert_eq!(
-        ids.len(),
-        1,
-        "one running container for {}: {ids:?}",
-        app.name
-    );
+    assert_eq!(ids.len(), 1, "one running container for {}: {ids:?}", app.name);
     let started = TestApp::inspect(&ids[0], "{{.State.StartedAt}}");
     (ids[0].clone(), started)
 }
@@ -733,8 +524,7 @@ fn deb_on_real_systemd() {
     if !bash("docker info >/dev/null 2>&1").status.success() {
         return unavailable("docker does not answer (scripts/testenv up starts dockerd)");
     }
-    let image =
-        std::env::var("BERTH_TEST_APP_IMAGE").unwrap_or_else(|_| "berth-testapp:latest".into());
+    let image = std::env::var("BERTH_TEST_APP_IMAGE").unwrap_or_else(|_| "berth-testapp:latest".into());
     if let Err(e) = ensure_image() {
         return unavailable(&e);
     }
@@ -824,19 +614,10 @@ start_period = "20s"
 
     // The package kept the config the launch template wrote, and enabled all three units.
     assert_eq!(sysd.sh("stat -c %a /etc/berth/berth.toml"), "600");
-    assert!(
-        sysd.sh("cat /etc/berth/berth.toml").contains(&prefix),
-        "dpkg replaced the launch template's config"
-    );
-    assert!(sysd
-        .sh("dpkg-query -W -f='${Conffiles}' berth")
-        .contains("/etc/berth/berth.toml"));
+    assert!(sysd.sh("cat /etc/berth/berth.toml").contains(&prefix), "dpkg replaced the launch template's config");
+    assert!(sysd.sh("dpkg-query -W -f='${Conffiles}' berth").contains("/etc/berth/berth.toml"));
     for u in UNITS {
-        assert_eq!(
-            sysd.sh(&format!("systemctl is-enabled {u}")),
-            "enabled",
-            "{u} after install"
-        );
+        assert_eq!(sysd.sh(&format!("systemctl is-enabled {u}")), "enabled", "{u} after install");
     }
 
     // --- systemd-analyze verify, on the installed units with the installed binary. (The
@@ -845,48 +626,25 @@ start_period = "20s"
         "cd /lib/systemd/system && SYSTEMD_LOG_LEVEL=notice systemd-analyze verify --man=no berth.service berth.socket berth-https.socket 2>&1",
     );
     let said = text(&verify.stdout);
-    assert!(
-        verify.status.success(),
-        "systemd-analyze verify in the container:\n{said}"
-    );
-    assert!(
-        !said.lines().any(|l| l.contains("berth")),
-        "systemd-analyze verify warns:\n{said}"
-    );
+    assert!(verify.status.success(), "systemd-analyze verify in the container:\n{said}");
+    assert!(!said.lines().any(|l| l.contains("berth")), "systemd-analyze verify warns:\n{said}");
 
     // --- Active, and the status line says what berth does.
     let started = Instant::now();
     wait_for("berth.service active", Duration::from_secs(30), || {
         (sysd.sh("systemctl is-active berth") == "active").then_some(())
     });
-    let served = wait_for_or_journal(
-        &sysd,
-        "the app behind https",
-        Duration::from_secs(60),
-        || {
-            let (rc, code, body) = https(https_port, &domain, "/env", &["-k"]);
-            (rc == 0 && code == 200).then_some(body)
-        },
-    );
+    let served = wait_for_or_journal(&sysd, "the app behind https", Duration::from_secs(60), || {
+        let (rc, code, body) = https(https_port, &domain, "/env", &["-k"]);
+        (rc == 0 && code == 200).then_some(body)
+    });
     let env: serde_json::Value = serde_json::from_str(&served).unwrap();
-    assert_eq!(
-        env["DB_PASSWORD"],
-        secret.as_str(),
-        "the SSM secret reaches the app's environment"
-    );
-    let status_text = wait_for_or_journal(
-        &sysd,
-        "StatusText `serving ...`",
-        Duration::from_secs(10),
-        || {
-            let s = sysd.show("berth", "StatusText");
-            s.starts_with("serving").then_some(s)
-        },
-    );
-    assert!(
-        status_text.contains(&app.name),
-        "status line names the app: {status_text}"
-    );
+    assert_eq!(env["DB_PASSWORD"], secret.as_str(), "the SSM secret reaches the app's environment");
+    let status_text = wait_for_or_journal(&sysd, "StatusText `serving ...`", Duration::from_secs(10), || {
+        let s = sysd.show("berth", "StatusText");
+        s.starts_with("serving").then_some(s)
+    });
+    assert!(status_text.contains(&app.name), "status line names the app: {status_text}");
     let main_pid = sysd.show("berth", "MainPID");
     assert_ne!(main_pid, "0");
 
@@ -907,40 +665,16 @@ start_period = "20s"
         let dir = tempfile::tempdir().unwrap();
         let cert_file = dir.path().join("self-signed.crt");
         std::fs::write(&cert_file, cert).unwrap();
-        let (rc, code, _) = https(
-            https_port,
-            &domain,
-            "/health",
-            &["--cacert", &cert_file.display().to_string()],
-        );
-        assert_eq!(
-            (rc, code),
-            (0, 200),
-            "the self-signed certificate verifies for {domain}"
-        );
+        let (rc, code, _) = https(https_port, &domain, "/health", &["--cacert", &cert_file.display().to_string()]);
+        assert_eq!((rc, code), (0, 200), "the self-signed certificate verifies for {domain}");
     }
     // The hardening is applied for real (not skipped as "containerized"), and leaves berth
     // what it needs: the state dir (0700), the admin socket, the Docker socket.
     let status = sysd.sh_ok(&format!("cat /proc/{main_pid}/status"));
-    let field = |k: &str| {
-        status
-            .lines()
-            .find_map(|l| l.strip_prefix(k))
-            .map(str::trim)
-            .unwrap_or("")
-            .to_string()
-    };
+    let field = |k: &str| status.lines().find_map(|l| l.strip_prefix(k)).map(str::trim).unwrap_or("").to_string();
     assert_eq!(field("NoNewPrivs:"), "1", "NoNewPrivileges=yes");
-    assert_eq!(
-        field("Seccomp:"),
-        "2",
-        "SystemCallFilter= applies a seccomp filter"
-    );
-    assert_eq!(
-        field("CapBnd:"),
-        "0000000000000400",
-        "CapabilityBoundingSet=CAP_NET_BIND_SERVICE"
-    );
+    assert_eq!(field("Seccomp:"), "2", "SystemCallFilter= applies a seccomp filter");
+    assert_eq!(field("CapBnd:"), "0000000000000400", "CapabilityBoundingSet=CAP_NET_BIND_SERVICE");
     let mounts = sysd.sh_ok(&format!("cat /proc/{main_pid}/mountinfo"));
     let mount_opts = |at: &str| {
         mounts
@@ -949,14 +683,8 @@ start_period = "20s"
             .map(|l| l.split(' ').nth(5).unwrap_or("").to_string())
             .unwrap_or_default()
     };
-    assert!(
-        mount_opts("/").starts_with("ro"),
-        "ProtectSystem=strict: / is read-only for berth:\n{mounts}"
-    );
-    assert!(
-        mount_opts("/var/lib/berth").starts_with("rw"),
-        "StateDirectory= stays writable:\n{mounts}"
-    );
+    assert!(mount_opts("/").starts_with("ro"), "ProtectSystem=strict: / is read-only for berth:\n{mounts}");
+    assert!(mount_opts("/var/lib/berth").starts_with("rw"), "StateDirectory= stays writable:\n{mounts}");
     assert_eq!(sysd.sh("stat -c %a /var/lib/berth"), "700");
     let st = sysd.sh_ok("berth status");
     assert!(st.contains(&app.name), "berth status names the app:\n{st}");
@@ -969,56 +697,21 @@ start_period = "20s"
             .any(|e| e["APP"] == app.name.as_str())
             .then_some(j)
     });
-    assert!(
-        !journal_json.contains(&secret),
-        "a secret value reached the journal"
-    );
-    let filtered = sysd.sh(&format!(
-        "journalctl -u berth APP={} --no-pager -o cat",
-        app.name
-    ));
-    assert!(
-        !filtered.is_empty(),
-        "`journalctl -u berth APP={}` finds nothing",
-        app.name
-    );
+    assert!(!journal_json.contains(&secret), "a secret value reached the journal");
+    let filtered = sysd.sh(&format!("journalctl -u berth APP={} --no-pager -o cat", app.name));
+    assert!(!filtered.is_empty(), "`journalctl -u berth APP={}` finds nothing", app.name);
 
     // --- reload: a bad config fails `systemctl reload` (ExecReload= checks it first) and
     // never reaches berth; a good one is applied in place (SIGHUP), same process.
-    sysd.write(
-        "/etc/berth/berth.toml",
-        "0600",
-        &format!("{config}\n[agent]\nno_such_key = 1\n"),
-    );
+    sysd.write("/etc/berth/berth.toml", "0600", &format!("{config}\n[agent]\nno_such_key = 1\n"));
     let bad = sysd.exec("systemctl reload berth");
-    assert!(
-        !bad.status.success(),
-        "reload with an invalid config must fail"
-    );
-    assert_eq!(
-        sysd.sh("systemctl is-active berth"),
-        "active",
-        "a failed reload keeps berth:\n{}",
-        sysd.journal()
-    );
+    assert!(!bad.status.success(), "reload with an invalid config must fail");
+    assert_eq!(sysd.sh("systemctl is-active berth"), "active", "a failed reload keeps berth:\n{}", sysd.journal());
     sysd.write("/etc/berth/berth.toml", "0600", &config);
     sysd.sh_ok("systemctl reload berth");
-    assert_eq!(
-        sysd.sh("systemctl is-active berth"),
-        "active",
-        "after reload:\n{}",
-        sysd.journal()
-    );
-    assert_eq!(
-        sysd.show("berth", "MainPID"),
-        main_pid,
-        "reload must not restart berth"
-    );
-    assert_eq!(
-        https(https_port, &domain, "/health", &["-k"]).1,
-        200,
-        "serving after the reload"
-    );
+    assert_eq!(sysd.sh("systemctl is-active berth"), "active", "after reload:\n{}", sysd.journal());
+    assert_eq!(sysd.show("berth", "MainPID"), main_pid, "reload must not restart berth");
+    assert_eq!(https(https_port, &domain, "/health", &["-k"]).1, 200, "serving after the reload");
 
     // --- Watchdog: armed at 30s, and berth's pings keep it alive past that.
     assert_eq!(sysd.show("berth", "WatchdogUSec"), "30s");
@@ -1026,18 +719,9 @@ start_period = "20s"
     if started.elapsed() < past {
         std::thread::sleep(past - started.elapsed());
     }
-    assert_eq!(
-        sysd.show("berth", "MainPID"),
-        main_pid,
-        "berth was restarted:\n{}",
-        sysd.journal()
-    );
+    assert_eq!(sysd.show("berth", "MainPID"), main_pid, "berth was restarted:\n{}", sysd.journal());
     assert_eq!(sysd.show("berth", "NRestarts"), "0");
-    assert_ne!(
-        sysd.show("berth", "WatchdogTimestampMonotonic"),
-        "0",
-        "no watchdog ping recorded"
-    );
+    assert_ne!(sysd.show("berth", "WatchdogTimestampMonotonic"), "0", "no watchdog ping recorded");
     assert_eq!(sysd.sh("systemctl is-active berth"), "active");
 
     // `systemctl restart berth` under load refuses no connection (socket activation) and fails
@@ -1060,24 +744,14 @@ start_period = "20s"
         })
         .collect();
     let sockets_since = |u: &str| sysd.show(u, "ActiveEnterTimestampMonotonic");
-    let (http_since, https_since) = (
-        sockets_since("berth.socket"),
-        sockets_since("berth-https.socket"),
-    );
+    let (http_since, https_since) = (sockets_since("berth.socket"), sockets_since("berth-https.socket"));
     std::thread::sleep(Duration::from_secs(1));
     let restart = sysd.exec("systemctl restart berth");
-    assert!(
-        restart.status.success(),
-        "systemctl restart berth: {}\n{}",
-        text(&restart.stderr),
-        sysd.journal()
-    );
+    assert!(restart.status.success(), "systemctl restart berth: {}\n{}", text(&restart.stderr), sysd.journal());
     // Keep loading until the new berth has served a while.
     let served_more = |what: &str| {
         let now = results.lock().unwrap().len();
-        wait_for(what, Duration::from_secs(30), || {
-            (results.lock().unwrap().len() > now + 30).then_some(())
-        });
+        wait_for(what, Duration::from_secs(30), || (results.lock().unwrap().len() > now + 30).then_some(()));
     };
     served_more("requests after the restart");
     let restarted_pid = sysd.show("berth", "MainPID");
@@ -1085,17 +759,10 @@ start_period = "20s"
     // the same way, and only berth: the sockets stay open.
     sysd.sh_ok("dpkg -i --force-confdef --force-confold /var/tmp/berth.deb");
     served_more("requests after the upgrade");
-    assert_ne!(
-        sysd.show("berth", "MainPID"),
-        restarted_pid,
-        "the upgrade restarts berth (postinst try-restart)"
-    );
+    assert_ne!(sysd.show("berth", "MainPID"), restarted_pid, "the upgrade restarts berth (postinst try-restart)");
     assert_eq!(sysd.sh("systemctl is-active berth"), "active");
     assert_eq!(
-        (
-            sockets_since("berth.socket"),
-            sockets_since("berth-https.socket")
-        ),
+        (sockets_since("berth.socket"), sockets_since("berth-https.socket")),
         (http_since, https_since),
         "the sockets must stay open across restart and upgrade"
     );
@@ -1105,26 +772,10 @@ start_period = "20s"
     }
     let results = results.lock().unwrap().clone();
     let refused = results.iter().filter(|(rc, _)| *rc == 7).count();
-    let failed: Vec<_> = results
-        .iter()
-        .filter(|(rc, code)| *rc != 0 || *code != 200)
-        .collect();
-    eprintln!(
-        "restart and upgrade under load: {} requests, {} failed, {refused} refused",
-        results.len(),
-        failed.len()
-    );
-    assert!(
-        results.len() > 50,
-        "too little load to judge the restart: {} requests",
-        results.len()
-    );
-    assert_eq!(
-        refused,
-        0,
-        "connections refused during `systemctl restart berth` or the upgrade\n{}",
-        sysd.journal()
-    );
+    let failed: Vec<_> = results.iter().filter(|(rc, code)| *rc != 0 || *code != 200).collect();
+    eprintln!("restart and upgrade under load: {} requests, {} failed, {refused} refused", results.len(), failed.len());
+    assert!(results.len() > 50, "too little load to judge the restart: {} requests", results.len());
+    assert_eq!(refused, 0, "connections refused during `systemctl restart berth` or the upgrade\n{}", sysd.journal());
     if !failed.is_empty() {
         let summary = format!(
             "{} of {} requests failed during the restart and the upgrade (curl exit, status): {:?}",
@@ -1134,28 +785,13 @@ start_period = "20s"
         );
         panic!("{summary}\n{}", sysd.journal());
     }
-    assert_ne!(
-        sysd.show("berth", "MainPID"),
-        main_pid,
-        "systemctl restart did restart berth"
-    );
-    assert_eq!(
-        app_container(&app),
-        (container.clone(), started_at.clone()),
-        "the app container was restarted"
-    );
+    assert_ne!(sysd.show("berth", "MainPID"), main_pid, "systemctl restart did restart berth");
+    assert_eq!(app_container(&app), (container.clone(), started_at.clone()), "the app container was restarted");
     // The upgrade kept the config the launch template wrote.
-    assert!(
-        sysd.sh("cat /etc/berth/berth.toml").contains(&prefix),
-        "the upgrade replaced the config"
-    );
+    assert!(sysd.sh("cat /etc/berth/berth.toml").contains(&prefix), "the upgrade replaced the config");
 
     // --- stop: health 503 first, in-flight requests finish, exit 0.
-    wait_for(
-        "health 200 before the stop",
-        Duration::from_secs(20),
-        || (http_health(http_port).1 == 200).then_some(()),
-    );
+    wait_for("health 200 before the stop", Duration::from_secs(20), || (http_health(http_port).1 == 200).then_some(()));
     let slow = {
         let domain = domain.clone();
         std::thread::spawn(move || https(https_port, &domain, "/sleep?ms=3500", &["-k"]))
@@ -1164,96 +800,42 @@ start_period = "20s"
     let stop_name = sysd.name.clone();
     let stopper = std::thread::spawn(move || {
         let t = Instant::now();
-        let out = Command::new("docker")
-            .args(["exec", &stop_name, "systemctl", "stop", "berth.service"])
-            .output()
-            .unwrap();
+        let out =
+            Command::new("docker").args(["exec", &stop_name, "systemctl", "stop", "berth.service"]).output().unwrap();
         (out, t.elapsed())
     });
     // The first health answers after the stop began are 503 while the listener still
     // answers (drain_delay = 2s); stop polling then, since a connection after the listeners
     // close would socket-activate berth again.
-    let health_seen = wait_for(
-        "health 503 during the drain",
-        Duration::from_secs(5),
-        || {
-            let h = http_health(http_port);
-            (h.1 != 200).then_some(h)
-        },
-    );
-    assert_eq!(
-        health_seen,
-        (0, 503),
-        "health must turn 503 while berth drains"
-    );
+    let health_seen = wait_for("health 503 during the drain", Duration::from_secs(5), || {
+        let h = http_health(http_port);
+        (h.1 != 200).then_some(h)
+    });
+    assert_eq!(health_seen, (0, 503), "health must turn 503 while berth drains");
     let (out, took) = stopper.join().unwrap();
-    assert!(
-        out.status.success(),
-        "systemctl stop berth: {}",
-        text(&out.stderr)
-    );
+    assert!(out.status.success(), "systemctl stop berth: {}", text(&out.stderr));
     let (rc, code, body) = slow.join().unwrap();
-    assert_eq!(
-        (rc, code),
-        (0, 200),
-        "the in-flight request must finish during the drain: {body}"
-    );
-    assert!(
-        took >= Duration::from_secs(2),
-        "stop took {took:?}: berth must wait drain_delay"
-    );
-    assert_eq!(
-        sysd.show("berth", "ExecMainStatus"),
-        "0",
-        "exit status of a clean stop\n{}",
-        sysd.journal()
-    );
+    assert_eq!((rc, code), (0, 200), "the in-flight request must finish during the drain: {body}");
+    assert!(took >= Duration::from_secs(2), "stop took {took:?}: berth must wait drain_delay");
+    assert_eq!(sysd.show("berth", "ExecMainStatus"), "0", "exit status of a clean stop\n{}", sysd.journal());
     assert_eq!(sysd.show("berth", "Result"), "success");
     assert_eq!(sysd.sh("systemctl is-active berth"), "inactive");
-    assert_eq!(
-        app_container(&app).0,
-        container,
-        "the app keeps running while berth is stopped"
-    );
+    assert_eq!(app_container(&app).0, container, "the app keeps running while berth is stopped");
 
     // --- an invalid config: fails once with 78, never restarted.
-    sysd.write(
-        "/etc/berth/berth.toml",
-        "0600",
-        "[agent]\nno_such_key = 1\n",
-    );
+    sysd.write("/etc/berth/berth.toml", "0600", "[agent]\nno_such_key = 1\n");
     let start = sysd.exec("systemctl start berth.service");
-    assert!(
-        !start.status.success(),
-        "start with an invalid config must fail"
-    );
+    assert!(!start.status.success(), "start with an invalid config must fail");
     std::thread::sleep(Duration::from_secs(5));
-    assert_eq!(
-        sysd.show("berth", "ExecMainStatus"),
-        "78",
-        "{}",
-        sysd.journal()
-    );
+    assert_eq!(sysd.show("berth", "ExecMainStatus"), "78", "{}", sysd.journal());
     assert_eq!(sysd.show("berth", "ActiveState"), "failed");
-    assert_eq!(
-        sysd.show("berth", "NRestarts"),
-        "0",
-        "RestartPreventExitStatus=78 must stop a restart loop"
-    );
+    assert_eq!(sysd.show("berth", "NRestarts"), "0", "RestartPreventExitStatus=78 must stop a restart loop");
     let journal = sysd.journal();
-    assert!(
-        journal.contains("no_such_key"),
-        "the journal names the bad key:\n{journal}"
-    );
+    assert!(journal.contains("no_such_key"), "the journal names the bad key:\n{journal}");
 }
 
 /// `wait_for`, with the unit's journal in the failure message.
-fn wait_for_or_journal<T>(
-    sysd: &Sysd,
-    what: &str,
-    timeout: Duration,
-    mut f: impl FnMut() -> Option<T>,
-) -> T {
+fn wait_for_or_journal<T>(sysd: &Sysd, what: &str, timeout: Duration, mut f: impl FnMut() -> Option<T>) -> T {
     let deadline = Instant::now() + timeout;
     loop {
         if let Some(v) = f() {

@@ -7,7 +7,9 @@ use std::process::{Child, Command, Stdio};
 use std::time::Duration;
 
 use base64::Engine;
-use berth_tests::{aws_json, berth_bin, config_toml, curl, env, free_port, ssm_put, wait_for, Berth, Ports, TestApp, TestDir};
+use berth_tests::{
+    aws_json, berth_bin, config_toml, curl, env, free_port, ssm_put, wait_for, Berth, Ports, TestApp, TestDir,
+};
 
 struct Registry {
     child: Child,
@@ -23,7 +25,12 @@ impl Drop for Registry {
 
 fn run(cmd: &mut Command) -> String {
     let out = cmd.output().expect("command");
-    assert!(out.status.success(), "{cmd:?}: {}{}", String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr));
+    assert!(
+        out.status.success(),
+        "{cmd:?}: {}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
     String::from_utf8_lossy(&out.stdout).into()
 }
 
@@ -119,12 +126,10 @@ fn pulls_with_basic_auth_from_ssm_and_names_an_auth_failure() {
 /// The Docker credentials ECR's GetAuthorizationToken hands out: `base64("AWS:" + password)`
 /// decoded. Asked of moto with the same API call berth makes (signed by curl's SigV4).
 fn ecr_token() -> (String, String) {
-    let r = aws_json(
-        "ecr",
-        "AmazonEC2ContainerRegistry_V20150921.GetAuthorizationToken",
-        serde_json::json!({}),
-    );
-    let b64 = r["authorizationData"][0]["authorizationToken"].as_str().unwrap_or_else(|| panic!("GetAuthorizationToken: {r}"));
+    let r = aws_json("ecr", "AmazonEC2ContainerRegistry_V20150921.GetAuthorizationToken", serde_json::json!({}));
+    let b64 = r["authorizationData"][0]["authorizationToken"]
+        .as_str()
+        .unwrap_or_else(|| panic!("GetAuthorizationToken: {r}"));
     let raw = base64::engine::general_purpose::STANDARD.decode(b64).unwrap();
     let text = String::from_utf8(raw).unwrap();
     let (user, password) = text.split_once(':').unwrap();
@@ -193,9 +198,7 @@ fn pulls_with_an_ecr_token_from_moto_and_names_a_refused_token() {
     let (berth, ports, cfg) = start(&bad_image, &bad);
     let registry = format!("127.0.0.1:{}", bad_reg.port);
     let want = format!("authentication failed: {registry} refused the ECR token");
-    wait_for("the ECR authentication error", Duration::from_secs(30), || {
-        berth.logs().contains(&want).then_some(())
-    });
+    wait_for("the ECR authentication error", Duration::from_secs(30), || berth.logs().contains(&want).then_some(()));
     let logs = berth.logs();
     assert!(logs.contains("the registry refused the ECR token; fetching a fresh one and retrying once"), "{logs}");
     assert!(!logs.contains(&password), "the ECR token's password must not be logged");

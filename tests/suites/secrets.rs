@@ -96,7 +96,11 @@ fn check_online_names_every_missing_parameter() {
     let dir = TestDir::new();
     let out = check_online(&dir, &secrets_toml(&moto, None, &[&here, &gone1, &gone2], "5m"), &[]);
     assert_online_failure(&out);
-    assert!(out.stderr.contains("not found") && out.stderr.contains(&gone1) && out.stderr.contains(&gone2), "{}", out.stderr);
+    assert!(
+        out.stderr.contains("not found") && out.stderr.contains(&gone1) && out.stderr.contains(&gone2),
+        "{}",
+        out.stderr
+    );
     assert!(!out.stderr.contains(&format!("{here},")), "{}", out.stderr);
 }
 
@@ -107,7 +111,10 @@ fn check_online_names_both_colliding_parameters() {
     let (a, b) = (format!("{p}/db/password"), format!("{p}/db-password"));
     seed(
         &moto,
-        &[Op::Put { name: &a, kind: "SecureString", value: "1" }, Op::Put { name: &b, kind: "SecureString", value: "2" }],
+        &[
+            Op::Put { name: &a, kind: "SecureString", value: "1" },
+            Op::Put { name: &b, kind: "SecureString", value: "2" },
+        ],
     );
     let dir = TestDir::new();
     let out = check_online(&dir, &secrets_toml(&moto, Some(&p), &[], "5m"), &[]);
@@ -159,7 +166,11 @@ fn check_online_explains_an_unreachable_endpoint() {
     let port = berth_tests::free_port();
     let out = check_online(&dir, &secrets_toml(&format!("http://127.0.0.1:{port}"), Some("/x/"), &[], "5m"), &[]);
     assert_online_failure(&out);
-    assert!(out.stderr.contains("cannot reach SSM") && out.stderr.contains("VPC interface endpoints"), "{}", out.stderr);
+    assert!(
+        out.stderr.contains("cannot reach SSM") && out.stderr.contains("VPC interface endpoints"),
+        "{}",
+        out.stderr
+    );
     assert!(out.took < Duration::from_secs(40), "took {:?}", out.took);
 }
 
@@ -172,7 +183,13 @@ fn status_while_waiting_for_ssm_says_what_to_fix() {
     let port = berth_tests::free_port();
     let cfg = dir.write(
         "berth.toml",
-        &config_toml(&dir, ports, "0s", "1s", &secrets_toml(&format!("http://127.0.0.1:{port}"), Some("/x/"), &[], "5m")),
+        &config_toml(
+            &dir,
+            ports,
+            "0s",
+            "1s",
+            &secrets_toml(&format!("http://127.0.0.1:{port}"), Some("/x/"), &[], "5m"),
+        ),
     );
     let mut cmd = Berth::command(&cfg);
     aws_env(&mut cmd);
@@ -196,7 +213,8 @@ fn check_online_at_trace_prints_no_value() {
     let p = unique_prefix("check-trace");
     let values: Vec<String> = (0..3).map(|_| format!("zz{}", random_token(24))).collect();
     let names: Vec<String> = (0..3).map(|i| format!("{p}/S{i}")).collect();
-    let ops: Vec<Op> = names.iter().zip(&values).map(|(name, value)| Op::Put { name, kind: "SecureString", value }).collect();
+    let ops: Vec<Op> =
+        names.iter().zip(&values).map(|(name, value)| Op::Put { name, kind: "SecureString", value }).collect();
     seed(&moto, &ops);
     let dir = TestDir::new();
     for sensitive in ["false", "true"] {
@@ -208,7 +226,11 @@ fn check_online_at_trace_prints_no_value() {
         assert_eq!(out.code, Some(0), "{}", out.all());
         assert!(out.stderr.contains("GetParametersByPath page"), "TRACE logging is on: {}", out.stderr);
         for v in &values {
-            assert!(!out.all().contains(v.as_str()), "value leaked with LOG_SENSITIVE_BODIES={sensitive}:\n{}", out.all());
+            assert!(
+                !out.all().contains(v.as_str()),
+                "value leaked with LOG_SENSITIVE_BODIES={sensitive}:\n{}",
+                out.all()
+            );
         }
     }
 }
@@ -228,9 +250,13 @@ fn run_at_trace_logs_the_refresh_but_no_value() {
     aws_env(&mut cmd).env("BERTH_LOG", "trace").env("LOG_SENSITIVE_BODIES", "true");
     let mut berth = Berth::spawn(cmd, &dir);
 
-    wait_for("the first fetch", Duration::from_secs(20), || berth.logs().contains("GetParametersByPath page").then_some(()));
+    wait_for("the first fetch", Duration::from_secs(20), || {
+        berth.logs().contains("GetParametersByPath page").then_some(())
+    });
     seed(&moto, &[Op::Put { name: &name, kind: "SecureString", value: &v2 }]);
-    wait_for("the change to be noticed", Duration::from_secs(10), || berth.logs().contains("secrets changed").then_some(()));
+    wait_for("the change to be noticed", Duration::from_secs(10), || {
+        berth.logs().contains("secrets changed").then_some(())
+    });
     berth.signal("TERM");
     berth.wait_timeout(Duration::from_secs(10)).expect("berth stops");
     let logs = berth.logs();

@@ -121,11 +121,7 @@ fn container_env_is_exactly_config_plus_secrets_and_nothing_reaches_disk() {
     for entry in walk(&state) {
         let data = std::fs::read(&entry).unwrap();
         for (_, v) in tricky {
-            assert!(
-                !String::from_utf8_lossy(&data).contains(v),
-                "{} contains a secret value",
-                entry.display()
-            );
+            assert!(!String::from_utf8_lossy(&data).contains(v), "{} contains a secret value", entry.display());
         }
     }
     let logs = berth.logs();
@@ -167,10 +163,8 @@ fn crash_loop_is_restarted_with_growing_delays_and_berth_stays_up() {
     ssm_put(&format!("{p}unused"), "x");
     // The app exits 1 at once, every time.
     let extra = "";
-    let src = app_config(&dir, ports, &app, &p, extra).replace(
-        "env = { GREETING = \"hello\", QUOTED = \"a \\\"b\\\" = c\" }",
-        "env = { EXIT_AT_START = \"1\" }",
-    );
+    let src = app_config(&dir, ports, &app, &p, extra)
+        .replace("env = { GREETING = \"hello\", QUOTED = \"a \\\"b\\\" = c\" }", "env = { EXIT_AT_START = \"1\" }");
     assert!(src.contains("EXIT_AT_START"));
     let cfg = dir.write("berth.toml", &src);
     let mut berth = spawn(&cfg, &dir);
@@ -188,7 +182,11 @@ fn crash_loop_is_restarted_with_growing_delays_and_berth_stays_up() {
     // take a second longer than the next, which is Docker's latency, not our backoff.)
     for (k, gap) in gaps.iter().enumerate() {
         let lower_bound = (0.25 * f64::from(1u32 << k.min(8))).min(4.0);
-        assert!(*gap >= lower_bound - 0.05, "restart {} came after {gap:.2}s, before its backoff ({lower_bound}s at least): {gaps:?}", k + 1);
+        assert!(
+            *gap >= lower_bound - 0.05,
+            "restart {} came after {gap:.2}s, before its backoff ({lower_bound}s at least): {gaps:?}",
+            k + 1
+        );
     }
     assert!(gaps.last().unwrap() > &(gaps[0] + 0.4), "delays must grow: {gaps:?}");
 
@@ -366,7 +364,16 @@ interval = "500ms"
     assert!(at("/").1.starts_with("testapp web "), "{:?}", at("/"));
     assert!(at("/api/x").1.starts_with("testapp api "), "{:?}", at("/api/x"));
     // Unknown host: 421.
-    assert_eq!(curl(&["-k", "--resolve", &format!("other.test:{}:127.0.0.1", ports.https), &format!("https://other.test:{}/", ports.https)]).0, 421);
+    assert_eq!(
+        curl(&[
+            "-k",
+            "--resolve",
+            &format!("other.test:{}:127.0.0.1", ports.https),
+            &format!("https://other.test:{}/", ports.https)
+        ])
+        .0,
+        421
+    );
 
     // Kill the api container: web keeps serving, api comes back by itself.
     let api_id = api.containers(true)[0].clone();
@@ -426,9 +433,7 @@ fn reload_adds_an_app_to_a_berth_started_with_none() {
     let apps_start = with_app.find(&format!("[apps.{}]", app.name)).expect("app_config has the app section");
     let cfg = dir.write("berth.toml", &with_app[..apps_start]);
     let mut berth = spawn(&cfg, &dir);
-    wait_for("berth to serve with no apps", Duration::from_secs(15), || {
-        berth.logs().contains("ready").then_some(())
-    });
+    wait_for("berth to serve with no apps", Duration::from_secs(15), || berth.logs().contains("ready").then_some(()));
     assert!(app.containers(false).is_empty(), "no container before the reload");
 
     dir.write("berth.toml", &with_app);
@@ -516,7 +521,9 @@ max_backoff = "2s"
         assert!(berth.child.try_wait().unwrap().is_none(), "berth must stay up:\n{}", berth.logs());
         if app_stopped {
             // berth itself still answers; the app does not, so its health goes 503.
-            wait_for("the health path to answer 503", Duration::from_secs(10), || (health(ports).0 == 503).then_some(()));
+            wait_for("the health path to answer 503", Duration::from_secs(10), || {
+                (health(ports).0 == 503).then_some(())
+            });
         } else {
             // The container runs on, reached at its own address (not through docker-proxy,
             // which died with dockerd): requests keep being served during the outage.

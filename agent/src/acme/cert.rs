@@ -62,12 +62,7 @@ impl Issued {
             .map_err(|e| anyhow::anyhow!("the private key does not belong to the certificate: {e}"))?;
         let leaf = certified.end_entity_cert().map_err(|e| anyhow::anyhow!("{e}"))?;
         let info = CertInfo::parse(leaf.as_ref())?;
-        Ok(Issued {
-            chain_pem,
-            key_pem,
-            info,
-            certified,
-        })
+        Ok(Issued { chain_pem, key_pem, info, certified })
     }
 }
 
@@ -84,9 +79,8 @@ impl CertInfo {
         }
         let to_time = |t: i64| UNIX_EPOCH + Duration::from_secs(u64::try_from(t).unwrap_or(0));
         let validity = cert.validity();
-        let ari_id = instant_acme::CertificateIdentifier::try_from(&CertificateDer::from(der))
-            .ok()
-            .map(|id| id.to_string());
+        let ari_id =
+            instant_acme::CertificateIdentifier::try_from(&CertificateDer::from(der)).ok().map(|id| id.to_string());
         Ok(CertInfo {
             names: names.into_iter().collect(),
             serial: cert.raw_serial_as_string(),

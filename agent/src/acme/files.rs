@@ -26,18 +26,15 @@ type Stamp = Option<(i128, u64, u64)>;
 
 fn stamp(path: &Path) -> Stamp {
     let m = fs::metadata(path).ok()?;
-    let mtime = m
-        .modified()
-        .ok()
-        .and_then(|t| t.duration_since(UNIX_EPOCH).ok())
-        .map_or(0, |d| d.as_nanos() as i128);
+    let mtime = m.modified().ok().and_then(|t| t.duration_since(UNIX_EPOCH).ok()).map_or(0, |d| d.as_nanos() as i128);
     Some((mtime, m.len(), m.ino()))
 }
 
 fn load(cert: &Path, key: &Path) -> anyhow::Result<Issued> {
     use anyhow::Context;
     let chain = fs::read_to_string(cert).with_context(|| format!("reading tls.cert_file {}", cert.display()))?;
-    let key_pem = Zeroizing::new(fs::read_to_string(key).with_context(|| format!("reading tls.key_file {}", key.display()))?);
+    let key_pem =
+        Zeroizing::new(fs::read_to_string(key).with_context(|| format!("reading tls.key_file {}", key.display()))?);
     Issued::from_pem(chain, key_pem)
 }
 
@@ -50,7 +47,9 @@ pub(crate) async fn run(
 ) {
     // Validation guarantees both are set in this mode.
     let (Some(cert_file), Some(key_file)) = (setup.tls.cert_file.clone(), setup.tls.key_file.clone()) else {
-        tracing::error!("tls.mode = \"files\" without tls.cert_file and tls.key_file; serving the self-signed certificate");
+        tracing::error!(
+            "tls.mode = \"files\" without tls.cert_file and tls.key_file; serving the self-signed certificate"
+        );
         return;
     };
     let domains = setup.tls.domains.clone();
@@ -107,7 +106,8 @@ pub(crate) async fn run(
                     if changed || !replies.is_empty() {
                         tracing::warn!(domain = %label, error = %msg, "cannot load tls.cert_file/key_file; keeping the certificate already serving");
                     }
-                    status.lock().unwrap_or_else(|e| e.into_inner()).waiting = Some(format!("cannot load the certificate files: {msg}"));
+                    status.lock().unwrap_or_else(|e| e.into_inner()).waiting =
+                        Some(format!("cannot load the certificate files: {msg}"));
                     loaded_ok = false;
                     for r in replies.drain(..) {
                         let _ = r.reply.send(Err(msg.clone()));

@@ -67,7 +67,8 @@ pub(crate) struct FleetAccount {
 impl FleetAccount {
     /// A new P-256 account key for `directory`, as the parameter's JSON.
     pub(crate) fn generate(directory: &str) -> anyhow::Result<Zeroizing<String>> {
-        let (_, pkcs8) = instant_acme::Key::generate_pkcs8().map_err(|e| anyhow::anyhow!("generating the account key: {e}"))?;
+        let (_, pkcs8) =
+            instant_acme::Key::generate_pkcs8().map_err(|e| anyhow::anyhow!("generating the account key: {e}"))?;
         Self::encode(directory, &pkcs8)
     }
 
@@ -86,10 +87,9 @@ impl FleetAccount {
 
     pub(crate) fn parse(json: &str) -> anyhow::Result<(String, rustls::pki_types::PrivatePkcs8KeyDer<'static>)> {
         use base64::prelude::{Engine, BASE64_URL_SAFE_NO_PAD};
-        let v: FleetAccount = serde_json::from_str(json).context("the fleet's account parameter is not berth's JSON")?;
-        let der = BASE64_URL_SAFE_NO_PAD
-            .decode(&v.key_pkcs8)
-            .context("the fleet's account key is not base64url")?;
+        let v: FleetAccount =
+            serde_json::from_str(json).context("the fleet's account parameter is not berth's JSON")?;
+        let der = BASE64_URL_SAFE_NO_PAD.decode(&v.key_pkcs8).context("the fleet's account key is not base64url")?;
         Ok((v.directory.clone(), der.into()))
     }
 }
@@ -105,7 +105,10 @@ pub(crate) struct LockValue {
 pub(crate) enum Lock {
     Acquired,
     /// Another instance is ordering; it said it would be done by `expires`.
-    HeldBy { holder: String, expires: SystemTime },
+    HeldBy {
+        holder: String,
+        expires: SystemTime,
+    },
 }
 
 /// The lock parameter as read, and when the read was sent.
@@ -167,16 +170,7 @@ impl Fleet {
     /// Create-only put; `Ok(false)` when the parameter already exists.
     async fn create(&self, leaf: &str, kind: ParameterType, value: &str) -> anyhow::Result<bool> {
         let name = self.name(leaf);
-        match self
-            .ssm
-            .put_parameter()
-            .name(&name)
-            .r#type(kind)
-            .value(value)
-            .overwrite(false)
-            .send()
-            .await
-        {
+        match self.ssm.put_parameter().name(&name).r#type(kind).value(value).overwrite(false).send().await {
             Ok(_) => Ok(true),
             Err(e) if e.as_service_error().is_some_and(|s| s.is_parameter_already_exists()) => Ok(false),
             Err(e) => Err(anyhow::anyhow!("PutParameter {name}: {}", DisplayErrorContext(&e))),
@@ -208,8 +202,7 @@ impl Fleet {
     /// Replaces the fleet's account key after the CA refused the old one (deactivated);
     /// the other instances notice the new value at their next poll.
     pub(crate) async fn replace_account(&self, credentials_json: &str) -> anyhow::Result<()> {
-        self.put("account", ParameterType::SecureString, credentials_json, ParameterTier::Standard)
-            .await
+        self.put("account", ParameterType::SecureString, credentials_json, ParameterTier::Standard).await
     }
 
     // -- lock --------------------------------------------------------------------------
@@ -336,10 +329,7 @@ impl Fleet {
                 Lock::Acquired
             } else {
                 let expires = from_unix(current.expires).unwrap_or(UNIX_EPOCH);
-                Lock::HeldBy {
-                    holder: current.holder,
-                    expires,
-                }
+                Lock::HeldBy { holder: current.holder, expires }
             }
         }))
     }
@@ -384,8 +374,7 @@ impl Fleet {
     }
 
     pub(crate) async fn store_certificate(&self, issued: &Issued) -> anyhow::Result<()> {
-        self.put("key", ParameterType::SecureString, &issued.key_pem, ParameterTier::Standard)
-            .await?;
+        self.put("key", ParameterType::SecureString, &issued.key_pem, ParameterTier::Standard).await?;
         // Intelligent-Tiering picks Standard for a chain that fits and never fails on a
         // parameter that an earlier, longer chain made Advanced (a plain "Standard" would:
         // SSM cannot downgrade a tier).

@@ -114,11 +114,7 @@ impl HttpClient for AcmeHttp {
             let exchange = async {
                 let rsp = fut.await.map_err(|e| instant_acme::Error::Other(Box::new(e)))?;
                 let (parts, body) = rsp.into_parts();
-                let body = body
-                    .collect()
-                    .await
-                    .map_err(|e| instant_acme::Error::Other(Box::new(e)))?
-                    .to_bytes();
+                let body = body.collect().await.map_err(|e| instant_acme::Error::Other(Box::new(e)))?.to_bytes();
                 Ok::<_, instant_acme::Error>((parts, body))
             };
             let (parts, body) = tokio::time::timeout(REQUEST_TIMEOUT, exchange)
@@ -149,10 +145,7 @@ impl HttpClient for AcmeHttp {
                     parts.headers.remove(RETRY_AFTER);
                 }
             }
-            Ok(BytesResponse {
-                parts,
-                body: Box::new(body),
-            })
+            Ok(BytesResponse { parts, body: Box::new(body) })
         })
     }
 }
@@ -249,7 +242,8 @@ mod tests {
             let (mut s, _) = listener.accept().await.unwrap();
             let mut buf = [0u8; 4096];
             let _ = s.read(&mut buf).await;
-            let rsp = format!("HTTP/1.1 429 Too Many Requests\r\nRetry-After: {}\r\nContent-Length: 0\r\n\r\n", u64::MAX);
+            let rsp =
+                format!("HTTP/1.1 429 Too Many Requests\r\nRetry-After: {}\r\nContent-Length: 0\r\n\r\n", u64::MAX);
             s.write_all(rsp.as_bytes()).await.unwrap();
         });
         let noted = RetryAfter::default();

@@ -51,7 +51,8 @@ impl LocalStore {
     /// The stored certificate and the directory it came from. A pair that does not parse,
     /// or whose key does not match (a crash between the two writes), counts as none.
     pub(crate) fn certificate(&self) -> anyhow::Result<Option<(Issued, Option<String>)>> {
-        let (Some(chain), Some(key)) = (read_optional(&self.dir.join("cert.pem"))?, read_optional(&self.dir.join("key.pem"))?)
+        let (Some(chain), Some(key)) =
+            (read_optional(&self.dir.join("cert.pem"))?, read_optional(&self.dir.join("key.pem"))?)
         else {
             return Ok(None);
         };
@@ -70,9 +71,7 @@ impl LocalStore {
         self.prepare()?;
         state::write_private(&self.dir.join("key.pem"), issued.key_pem.as_bytes())?;
         state::write_private(&self.dir.join("cert.pem"), issued.chain_pem.as_bytes())?;
-        let meta = serde_json::to_vec(&CertMeta {
-            directory: directory.to_owned(),
-        })?;
+        let meta = serde_json::to_vec(&CertMeta { directory: directory.to_owned() })?;
         state::write_private(&self.dir.join("cert.json"), &meta)
     }
 }

@@ -257,7 +257,9 @@ impl Manager {
                         // it in SSM soon, and try the lock again if the holder vanished.
                         let wait = jittered(self.setup.timing.fleet_busy_poll);
                         tracing::info!(domain = %self.label, holder = %holder, "another instance is ordering; waiting for its certificate");
-                        self.update(|s| s.waiting = Some(format!("waiting for {holder} to store the fleet's certificate")));
+                        self.update(|s| {
+                            s.waiting = Some(format!("waiting for {holder} to store the fleet's certificate"))
+                        });
                         self.next_fleet_poll = Instant::now() + wait;
                         retry_at = Some(Instant::now() + wait);
                         Err(format!("another instance ({holder}) is renewing now; its certificate is installed here when stored"))
@@ -266,9 +268,14 @@ impl Manager {
                         self.last_failure = Some(f.kind);
                         let wait = self.delay_after(&f);
                         tracing::warn!(domain = %self.label, error = %f.message, retry_in = ?wait, "could not get a certificate; retrying");
-                        let serving = if self.current.is_some() { "current certificate still serving" } else { "self-signed certificate serving" };
+                        let serving = if self.current.is_some() {
+                            "current certificate still serving"
+                        } else {
+                            "self-signed certificate serving"
+                        };
                         self.update(|s| {
-                            s.waiting = Some(format!("ACME failed ({serving}), retry in {}s: {}", wait.as_secs(), f.message))
+                            s.waiting =
+                                Some(format!("ACME failed ({serving}), retry in {}s: {}", wait.as_secs(), f.message))
                         });
                         retry_at = Some(Instant::now() + wait);
                         Err(f.message)
@@ -334,11 +341,7 @@ impl Manager {
             "certificate installed"
         );
         self.update(|s| {
-            s.certificate = Some(CertificateStatus {
-                info,
-                source,
-                installed_at: unix(SystemTime::now()),
-            });
+            s.certificate = Some(CertificateStatus { info, source, installed_at: unix(SystemTime::now()) });
             s.waiting = None;
         });
         self.current = Some(issued);
@@ -414,12 +417,7 @@ impl Manager {
                 let recheck = recheck.clamp(Duration::from_secs(60), Duration::from_secs(6 * 3600));
                 tracing::info!(domain = %self.label, window_start = %rfc3339(window.0), window_end = %rfc3339(window.1),
                     renew_at = %rfc3339(chosen), "ACME renewal window (ARI)");
-                self.ari.plan = Some(AriPlan {
-                    id,
-                    window,
-                    chosen,
-                    recheck_at: now + recheck,
-                });
+                self.ari.plan = Some(AriPlan { id, window, chosen, recheck_at: now + recheck });
                 self.ari.retry_at = None;
                 Some(chosen)
             }
@@ -461,30 +459,17 @@ impl Manager {
 
     async fn attempt(&mut self, forced: bool) -> Result<Outcome, Failure> {
         self.update(|s| s.waiting = Some("ordering a certificate".into()));
-        let result = if self.fleet.is_some() {
-            self.attempt_fleet(forced).await
-        } else {
-            self.attempt_single().await
-        };
+        let result = if self.fleet.is_some() { self.attempt_fleet(forced).await } else { self.attempt_single().await };
         let now = unix(SystemTime::now());
         match &result {
             Ok(Outcome::Ordered(issued)) => self.update(|s| {
                 s.orders_ok += 1;
-                s.last_order = Some(OrderResult {
-                    at: now,
-                    ok: true,
-                    error: None,
-                    serial: Some(issued.info.serial.clone()),
-                });
+                s.last_order =
+                    Some(OrderResult { at: now, ok: true, error: None, serial: Some(issued.info.serial.clone()) });
             }),
             Err(f) => self.update(|s| {
                 s.orders_error += 1;
-                s.last_order = Some(OrderResult {
-                    at: now,
-                    ok: false,
-                    error: Some(f.message.clone()),
-                    serial: None,
-                });
+                s.last_order = Some(OrderResult { at: now, ok: false, error: Some(f.message.clone()), serial: None });
             }),
             Ok(_) => {}
         }
@@ -568,7 +553,9 @@ impl Manager {
             match tokio::time::timeout(Duration::from_secs(10), fleet.unlock()).await {
                 Ok(Ok(())) => {}
                 // It expires on its own; the next instance takes it over then.
-                Ok(Err(e)) => tracing::warn!(domain = %self.label, error = format!("{e:#}"), "cannot release the ACME order lock"),
+                Ok(Err(e)) => {
+                    tracing::warn!(domain = %self.label, error = format!("{e:#}"), "cannot release the ACME order lock")
+                }
                 Err(_) => tracing::warn!(domain = %self.label, "releasing the ACME order lock timed out"),
             }
         }
@@ -609,11 +596,7 @@ impl Manager {
         if let Some(a) = &self.account {
             return Ok(a.clone());
         }
-        let account = if self.fleet.is_some() {
-            self.fleet_account().await?
-        } else {
-            self.local_account().await?
-        };
+        let account = if self.fleet.is_some() { self.fleet_account().await? } else { self.local_account().await? };
         self.account = Some(account.clone());
         Ok(account)
     }
@@ -629,18 +612,19 @@ impl Manager {
                         .await
                         .map_err(|e| Failure::from_acme("loading the ACME account", e));
                 }
-                Ok(Some(_)) => tracing::info!(domain = %self.label, "the stored ACME account is for another directory; creating one"),
+                Ok(Some(_)) => {
+                    tracing::info!(domain = %self.label, "the stored ACME account is for another directory; creating one")
+                }
                 Ok(None) => {}
                 Err(e) => return Err(Failure::transient(format!("{e:#}"))),
             }
         }
         let (account, credentials) = self.create_account().await?;
         let json = Zeroizing::new(
-            serde_json::to_string(&credentials).map_err(|e| Failure::transient(format!("serializing the account: {e}")))?,
+            serde_json::to_string(&credentials)
+                .map_err(|e| Failure::transient(format!("serializing the account: {e}")))?,
         );
-        self.local
-            .save_account(&json)
-            .map_err(|e| Failure::transient(format!("storing the ACME account: {e:#}")))?;
+        self.local.save_account(&json).map_err(|e| Failure::transient(format!("storing the ACME account: {e:#}")))?;
         tracing::info!(domain = %self.label, account = %account.id(), directory = %self.directory(), "ACME account created");
         self.recreate_account = false;
         Ok(account)
@@ -653,11 +637,7 @@ impl Manager {
         let contact: Vec<&str> = self.setup.acme.contact.iter().map(String::as_str).collect();
         Account::builder_with_http(self.http()?)
             .create(
-                &NewAccount {
-                    contact: &contact,
-                    terms_of_service_agreed: true,
-                    only_return_existing: false,
-                },
+                &NewAccount { contact: &contact, terms_of_service_agreed: true, only_return_existing: false },
                 self.directory().to_owned(),
                 eab.as_ref(),
             )
@@ -688,22 +668,18 @@ impl Manager {
             Some(sdk) => sdk.clone(),
             None => crate::aws::sdk_config(&self.setup.aws).await,
         };
-        let out = aws_sdk_ssm::Client::new(&sdk)
-            .get_parameter()
-            .name(name)
-            .with_decryption(true)
-            .send()
-            .await
-            .map_err(|e| {
-                Failure::transient(format!(
-                    "reading tls.acme.eab_hmac_key_parameter {name}: {}",
-                    aws_sdk_ssm::error::DisplayErrorContext(&e)
-                ))
-            })?;
-        out.parameter
-            .and_then(|p| p.value)
-            .map(Zeroizing::new)
-            .ok_or_else(|| Failure::transient(format!("SSM returned no value for tls.acme.eab_hmac_key_parameter {name}")))
+        let out =
+            aws_sdk_ssm::Client::new(&sdk).get_parameter().name(name).with_decryption(true).send().await.map_err(
+                |e| {
+                    Failure::transient(format!(
+                        "reading tls.acme.eab_hmac_key_parameter {name}: {}",
+                        aws_sdk_ssm::error::DisplayErrorContext(&e)
+                    ))
+                },
+            )?;
+        out.parameter.and_then(|p| p.value).map(Zeroizing::new).ok_or_else(|| {
+            Failure::transient(format!("SSM returned no value for tls.acme.eab_hmac_key_parameter {name}"))
+        })
     }
 
     /// Fleet: the account key from SSM (generated and offered create-only if there is none;
@@ -785,7 +761,9 @@ impl Manager {
         }
         match FleetAccount::parse(json).and_then(|(_, key)| order::thumbprint(&key)) {
             Ok(thumb) => self.responder.set_thumbprint(Some(thumb)),
-            Err(e) => tracing::warn!(domain = %self.label, error = format!("{e:#}"), "the fleet's ACME account key is unusable"),
+            Err(e) => {
+                tracing::warn!(domain = %self.label, error = format!("{e:#}"), "the fleet's ACME account key is unusable")
+            }
         }
         if self.fleet_account.is_some() {
             // Replaced by another instance (the CA refused the old key): register the new one.
@@ -899,7 +877,10 @@ mod tests {
 
     #[test]
     fn directory_from_credentials() {
-        assert_eq!(directory_of(r#"{"id":"x","key_pkcs8":"y","directory":"https://d/dir"}"#).as_deref(), Some("https://d/dir"));
+        assert_eq!(
+            directory_of(r#"{"id":"x","key_pkcs8":"y","directory":"https://d/dir"}"#).as_deref(),
+            Some("https://d/dir")
+        );
         assert_eq!(directory_of("{}"), None);
     }
 }

@@ -272,7 +272,12 @@ impl AcmeHandle {
 
 /// Starts the certificate task for `setup.tls.mode` and returns its handle. Never fails:
 /// problems are retried in the background and reported through the handle and the logs.
-pub fn spawn(setup: AcmeSetup, certs: CertStore, challenges: ChallengeResponder, shutdown: CancellationToken) -> AcmeHandle {
+pub fn spawn(
+    setup: AcmeSetup,
+    certs: CertStore,
+    challenges: ChallengeResponder,
+    shutdown: CancellationToken,
+) -> AcmeHandle {
     let status = Arc::new(Mutex::new(AcmeStatus {
         mode: setup.tls.mode.to_string(),
         domains: setup.tls.domains.clone(),

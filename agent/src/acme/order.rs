@@ -5,8 +5,7 @@ use std::fmt;
 use std::time::{Duration, SystemTime};
 
 use instant_acme::{
-    Account, AuthorizationStatus, ChallengeType, CertificateIdentifier, Identifier, NewOrder, OrderStatus,
-    RetryPolicy,
+    Account, AuthorizationStatus, CertificateIdentifier, ChallengeType, Identifier, NewOrder, OrderStatus, RetryPolicy,
 };
 
 use super::cert::{new_key_and_csr, Issued};
@@ -48,11 +47,7 @@ impl fmt::Display for Failure {
 
 impl Failure {
     pub(crate) fn transient(message: impl Into<String>) -> Failure {
-        Failure {
-            kind: FailureKind::Transient,
-            message: message.into(),
-            retry_at: None,
-        }
+        Failure { kind: FailureKind::Transient, message: message.into(), retry_at: None }
     }
 
     /// Sorts an instant-acme error. `context` says which step failed, for the log line.
@@ -65,11 +60,7 @@ impl Failure {
             }
             _ => (FailureKind::Transient, None),
         };
-        Failure {
-            kind,
-            message: format!("{context}: {}", error_chain(&e)),
-            retry_at,
-        }
+        Failure { kind, message: format!("{context}: {}", error_chain(&e)), retry_at }
     }
 }
 
@@ -162,10 +153,7 @@ pub(crate) async fn order(
         Err(e) => return Err(Failure::from_acme("creating the order", e)),
     };
 
-    let mut served = Tokens {
-        responder,
-        tokens: Vec::new(),
-    };
+    let mut served = Tokens { responder, tokens: Vec::new() };
     let mut authorizations = order.authorizations();
     while let Some(result) = authorizations.next().await {
         let mut authz = result.map_err(|e| Failure::from_acme("fetching an authorization", e))?;
@@ -191,22 +179,13 @@ pub(crate) async fn order(
         responder.insert(&challenge.token, key_authorization.as_str());
         served.tokens.push(challenge.token.clone());
         tracing::debug!(domain = %ident, "serving the http-01 challenge");
-        challenge
-            .set_ready()
-            .await
-            .map_err(|e| Failure::from_acme(&format!("starting validation of {ident}"), e))?;
+        challenge.set_ready().await.map_err(|e| Failure::from_acme(&format!("starting validation of {ident}"), e))?;
     }
 
     // First look after 100 ms (a CA that validates at once, as Pebble does, is done by
     // then), then 1.5x: about ten polls in the first 10 s, far below any CA's request limits.
-    let policy = RetryPolicy::new()
-        .initial_delay(Duration::from_millis(100))
-        .backoff(1.5)
-        .timeout(VALIDATION_TIMEOUT);
-    let status = order
-        .poll_ready(&policy)
-        .await
-        .map_err(|e| Failure::from_acme("waiting for validation", e))?;
+    let policy = RetryPolicy::new().initial_delay(Duration::from_millis(100)).backoff(1.5).timeout(VALIDATION_TIMEOUT);
+    let status = order.poll_ready(&policy).await.map_err(|e| Failure::from_acme("waiting for validation", e))?;
     if status != OrderStatus::Ready {
         return Err(Failure {
             kind: FailureKind::Validation,
@@ -215,28 +194,18 @@ pub(crate) async fn order(
         });
     }
 
-    let (key_pem, csr) = new_key_and_csr(domains).map_err(|e| Failure::transient(format!("creating the key and CSR: {e:#}")))?;
-    order
-        .finalize_csr(&csr)
-        .await
-        .map_err(|e| Failure::from_acme("finalizing the order", e))?;
+    let (key_pem, csr) =
+        new_key_and_csr(domains).map_err(|e| Failure::transient(format!("creating the key and CSR: {e:#}")))?;
+    order.finalize_csr(&csr).await.map_err(|e| Failure::from_acme("finalizing the order", e))?;
     // Often the finalize answer already says "valid": download at once instead of
     // sleeping first, which is all `poll_certificate` can do.
-    let ready = order
-        .certificate()
-        .await
-        .map_err(|e| Failure::from_acme("downloading the certificate", e))?;
+    let ready = order.certificate().await.map_err(|e| Failure::from_acme("downloading the certificate", e))?;
     let chain = match ready {
         Some(chain) => chain,
         None => {
-            let policy = RetryPolicy::new()
-                .initial_delay(Duration::from_millis(100))
-                .backoff(1.5)
-                .timeout(ISSUANCE_TIMEOUT);
-            order
-                .poll_certificate(&policy)
-                .await
-                .map_err(|e| Failure::from_acme("downloading the certificate", e))?
+            let policy =
+                RetryPolicy::new().initial_delay(Duration::from_millis(100)).backoff(1.5).timeout(ISSUANCE_TIMEOUT);
+            order.poll_certificate(&policy).await.map_err(|e| Failure::from_acme("downloading the certificate", e))?
         }
     };
     drop(served);
@@ -268,10 +237,7 @@ async fn validation_errors(order: &mut instant_acme::Order) -> String {
 /// `aki.serial` (the form [`super::cert::CertInfo::ari_id`] keeps) back into instant-acme's type.
 pub(crate) fn ari_identifier(id: &str) -> Option<CertificateIdentifier<'_>> {
     let (aki, serial) = id.split_once('.')?;
-    Some(CertificateIdentifier {
-        authority_key_identifier: aki.into(),
-        serial: serial.into(),
-    })
+    Some(CertificateIdentifier { authority_key_identifier: aki.into(), serial: serial.into() })
 }
 
 /// A key authorization's public half: the account key's RFC 7638 JWK thumbprint, computed

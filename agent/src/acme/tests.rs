@@ -80,16 +80,7 @@ impl Pebble {
             cfg["pebble"]["certificateValidityPeriod"] = v.into();
         }
         dir.write("pebble.json", &cfg.to_string());
-        Some(Pebble {
-            child: None,
-            dir,
-            listen,
-            mgmt,
-            http01,
-            ca,
-            bin,
-            nonce_reject,
-        })
+        Some(Pebble { child: None, dir, listen, mgmt, http01, ca, bin, nonce_reject })
     }
 
     /// Makes this Pebble register only accounts bound to `kid` with MAC key `key`.
@@ -120,7 +111,11 @@ impl Pebble {
         self.child = Some(cmd.spawn().expect("start pebble"));
         let deadline = Instant::now() + Duration::from_secs(20);
         while std::net::TcpStream::connect(("127.0.0.1", self.listen)).is_err() {
-            assert!(Instant::now() < deadline, "pebble did not listen: {}", std::fs::read_to_string(self.log_path()).unwrap_or_default());
+            assert!(
+                Instant::now() < deadline,
+                "pebble did not listen: {}",
+                std::fs::read_to_string(self.log_path()).unwrap_or_default()
+            );
             std::thread::sleep(Duration::from_millis(50));
         }
     }
@@ -234,9 +229,8 @@ fn verify_served(certs: &CertStore, domain: &str, root: CertificateDer<'static>)
     let mut roots = rustls::RootCertStore::empty();
     roots.add(root).unwrap();
     let provider = Arc::new(rustls::crypto::aws_lc_rs::default_provider());
-    let verifier = rustls::client::WebPkiServerVerifier::builder_with_provider(Arc::new(roots), provider)
-        .build()
-        .unwrap();
+    let verifier =
+        rustls::client::WebPkiServerVerifier::builder_with_provider(Arc::new(roots), provider).build().unwrap();
     verifier
         .verify_server_cert(
             &served.cert[0],
@@ -473,11 +467,7 @@ async fn files_mode_reloads_and_keeps_the_old_on_a_bad_file() {
 async fn self_signed_mode_has_nothing_to_renew() {
     let handle = spawn(
         AcmeSetup {
-            tls: TlsConfig {
-                mode: TlsMode::SelfSigned,
-                domains: vec!["a.test".into()],
-                ..Default::default()
-            },
+            tls: TlsConfig { mode: TlsMode::SelfSigned, domains: vec!["a.test".into()], ..Default::default() },
             acme: Default::default(),
             state_dir: "/nonexistent".into(),
             aws: Default::default(),
@@ -507,7 +497,13 @@ async fn moto_sdk() -> Option<aws_config::SdkConfig> {
     .await;
     Some(
         real.into_builder()
-            .credentials_provider(SharedCredentialsProvider::new(Credentials::new("testing", "testing", None, None, "berth-tests")))
+            .credentials_provider(SharedCredentialsProvider::new(Credentials::new(
+                "testing",
+                "testing",
+                None,
+                None,
+                "berth-tests",
+            )))
             .build(),
     )
 }
@@ -562,7 +558,10 @@ async fn fleet_orders_once_and_shares() {
     let serials: Vec<String> = {
         let mut out = Vec::new();
         for (h, _, _) in &instances {
-            let c = wait_until("every instance to serve the fleet's certificate", Duration::from_secs(60), || ordered_cert(h)).await;
+            let c = wait_until("every instance to serve the fleet's certificate", Duration::from_secs(60), || {
+                ordered_cert(h)
+            })
+            .await;
             out.push(c.info.serial);
         }
         out
@@ -572,7 +571,8 @@ async fn fleet_orders_once_and_shares() {
     let ordered: u64 = instances.iter().map(|(h, _, _)| h.status().orders_ok).sum();
     assert_eq!(ordered, 1);
     // Every instance answers any token statelessly with the shared account's thumbprint.
-    let answers: Vec<_> = instances.iter().map(|(_, _, r)| r.answer("abcdefghijklmnopqrstuvwxyz0123456789ABCDEFG")).collect();
+    let answers: Vec<_> =
+        instances.iter().map(|(_, _, r)| r.answer("abcdefghijklmnopqrstuvwxyz0123456789ABCDEFG")).collect();
     assert!(answers[0].is_some() && answers.iter().all(|a| *a == answers[0]), "{answers:?}");
     for (_, certs, _) in &instances {
         verify_served(certs, "fleet.berth.test", pebble.root());
@@ -584,7 +584,8 @@ async fn fleet_orders_once_and_shares() {
     s.acme.shared = Some(prefix.clone());
     s.sdk = Some(sdk.clone());
     let late = spawn(s, CertStore::new(), ChallengeResponder::new(), stop.clone());
-    let c = wait_until("the late instance to load the certificate", Duration::from_secs(20), || ordered_cert(&late)).await;
+    let c =
+        wait_until("the late instance to load the certificate", Duration::from_secs(20), || ordered_cert(&late)).await;
     assert_eq!(c.source, CertSource::Fleet);
     assert_eq!(c.info.serial, serials[0]);
     tokio::time::sleep(Duration::from_secs(2)).await;
@@ -736,7 +737,13 @@ async fn stop_is_prompt_while_ssm_and_the_ca_hang() {
     })
     .await
     .into_builder()
-    .credentials_provider(SharedCredentialsProvider::new(Credentials::new("testing", "testing", None, None, "berth-tests")))
+    .credentials_provider(SharedCredentialsProvider::new(Credentials::new(
+        "testing",
+        "testing",
+        None,
+        None,
+        "berth-tests",
+    )))
     .build();
     let setup = AcmeSetup {
         tls: TlsConfig {
@@ -797,10 +804,7 @@ async fn assert_ssm_storage(sdk: &aws_config::SdkConfig, prefix: &str) {
     assert_eq!(kind, Some(ParameterType::String));
     assert_ne!(tier, Some(ParameterTier::Advanced), "a chain under 4 KB must not cost Advanced-tier money");
     // Intelligent-Tiering is what berth asks for; real SSM reports the Standard it picks.
-    assert!(
-        matches!(tier, Some(ParameterTier::Standard | ParameterTier::IntelligentTiering)),
-        "{tier:?}"
-    );
+    assert!(matches!(tier, Some(ParameterTier::Standard | ParameterTier::IntelligentTiering)), "{tier:?}");
     let chain = ssm.get_parameter().name(format!("{prefix}/cert")).send().await.unwrap();
     assert!(chain.parameter().unwrap().value().unwrap().len() <= 4096);
 }

@@ -21,15 +21,16 @@ use crate::config::{AwsConfig, OnChange, SecretSelection, SecretsConfig};
 /// dummy keys (the default chain would end at IMDS, which no test may call) and SDK retry
 /// backoff in milliseconds instead of seconds, so retry tests take seconds, not minutes.
 async fn sdk(endpoint: &str) -> SdkConfig {
-    let real = crate::aws::sdk_config(&AwsConfig {
-        region: Some(REGION.into()),
-        endpoint_url: Some(endpoint.into()),
-    })
-    .await;
+    let real =
+        crate::aws::sdk_config(&AwsConfig { region: Some(REGION.into()), endpoint_url: Some(endpoint.into()) }).await;
     let retry = real.retry_config().unwrap().clone();
     real.into_builder()
         .credentials_provider(SharedCredentialsProvider::new(Credentials::new(
-            "testing", "testing", None, None, "berth-tests",
+            "testing",
+            "testing",
+            None,
+            None,
+            "berth-tests",
         )))
         .retry_config(
             RetryConfig::adaptive()
@@ -65,9 +66,7 @@ const FAST: RetryPolicy = RetryPolicy {
 
 /// name → (value, parameter): the part of a set a test compares exactly.
 fn flatten(set: &SecretSet) -> BTreeMap<String, (String, String)> {
-    set.iter()
-        .map(|(k, e)| (k.to_string(), (e.value.expose().to_string(), e.parameter.clone())))
-        .collect()
+    set.iter().map(|(k, e)| (k.to_string(), (e.value.expose().to_string(), e.parameter.clone()))).collect()
 }
 
 fn set_of(pairs: &[(&str, &str)]) -> SecretSet {
@@ -197,7 +196,12 @@ fn service_errors_are_classified_for_operators() {
     );
     let msg = denied.to_string();
     assert_eq!(denied.kind(), "access_denied");
-    assert!(msg.contains("access denied: ssm:GetParametersByPath on arn:aws:ssm:eu-central-1:111122223333:parameter/myapp/prod"), "{msg}");
+    assert!(
+        msg.contains(
+            "access denied: ssm:GetParametersByPath on arn:aws:ssm:eu-central-1:111122223333:parameter/myapp/prod"
+        ),
+        "{msg}"
+    );
     assert!(msg.contains("instance profile role needs ssm:GetParametersByPath on arn:aws:ssm:eu-central-1:111122223333:parameter/myapp/prod*"), "{msg}");
 
     let kms = c.classify_service(
@@ -222,18 +226,22 @@ fn service_errors_are_classified_for_operators() {
     }
     let s = c.classify_service("InternalServerError".into(), "oops".into(), 500);
     assert!(s.is_retryable() && s.kind() == "server", "{s}");
-    let cred = c.classify_service("UnrecognizedClientException".into(), "The security token included in the request is invalid.".into(), 400);
+    let cred = c.classify_service(
+        "UnrecognizedClientException".into(),
+        "The security token included in the request is invalid.".into(),
+        400,
+    );
     assert_eq!(cred.kind(), "credentials");
     assert!(!cred.is_retryable());
 
     // Denied GetParameters on a Secrets Manager reference: also say which secretsmanager grant.
     let names = vec!["/aws/reference/secretsmanager/myapp/db".to_string(), "shared-token".to_string()];
-    let c = Call {
-        action: "ssm:GetParameters",
-        ..call(Scope::Names(&names))
-    };
+    let c = Call { action: "ssm:GetParameters", ..call(Scope::Names(&names)) };
     let msg = c.classify_service("AccessDeniedException".into(), "not allowed".into(), 400).to_string();
-    assert!(msg.contains("arn:aws:ssm:eu-central-1:ACCOUNT_ID:parameter/aws/reference/secretsmanager/myapp/db"), "{msg}");
+    assert!(
+        msg.contains("arn:aws:ssm:eu-central-1:ACCOUNT_ID:parameter/aws/reference/secretsmanager/myapp/db"),
+        "{msg}"
+    );
     assert!(msg.contains("arn:aws:ssm:eu-central-1:ACCOUNT_ID:parameter/shared-token"), "{msg}");
     assert!(msg.contains("secretsmanager:GetSecretValue"), "{msg}");
     let sm = c
@@ -353,11 +361,7 @@ async fn a_missing_secrets_manager_reference_is_named_alone() {
     let present_ref = format!("{SECRETS_MANAGER_REFERENCE}{present}");
     let absent_ref = format!("{SECRETS_MANAGER_REFERENCE}{}/absent", &unique_prefix("sm")[1..]);
     // One batch: SSM fails all of it with ParameterNotFound because of the one reference.
-    let err = source(&moto, None, &[&a, &absent_ref, &b, &present_ref])
-        .await
-        .fetch()
-        .await
-        .unwrap_err();
+    let err = source(&moto, None, &[&a, &absent_ref, &b, &present_ref]).await.fetch().await.unwrap_err();
     let msg = err.to_string();
     assert!(matches!(&err, SecretsError::NotFound { names, .. } if names.as_slice() == [absent_ref.as_str()]), "{msg}");
     for existing in [&a, &b, &present_ref] {
@@ -454,8 +458,7 @@ async fn colliding_names_are_an_error_naming_both_parameters() {
             Op::Put { name: &c, kind: "String", value: "t1" },
             Op::Put { name: &d, kind: "String", value: "t2" },
         ],
-    )
-    ;
+    );
     let err = source(&moto, Some(&p), &[&c]).await.fetch().await.unwrap_err();
     let msg = err.to_string();
     assert!(matches!(&err, SecretsError::Collision { collisions } if collisions.len() == 2), "{msg}");
@@ -479,10 +482,7 @@ async fn access_denied_says_which_grant_the_instance_profile_needs() {
     let msg = err.to_string();
     assert!(matches!(err, SecretsError::AccessDenied { .. }), "{msg}");
     assert!(msg.contains(&format!("ssm:GetParametersByPath on {arn}")), "{msg}");
-    assert!(
-        msg.contains(&format!("instance profile role needs ssm:GetParametersByPath on {arn}*")),
-        "{msg}"
-    );
+    assert!(msg.contains(&format!("instance profile role needs ssm:GetParametersByPath on {arn}*")), "{msg}");
     // Not retried: an IAM policy does not fix itself within a backoff.
     assert_eq!(proxy.requests(), 1, "{:?}", proxy.actions());
     assert!(start.elapsed() < Duration::from_secs(5));
@@ -537,10 +537,8 @@ async fn throttled_calls_are_retried_until_the_fetch_succeeds() {
     proxy.fail_next(6, Fault::throttling());
     let src = source(&proxy.url(), Some(&p), &[]).await;
     let mut retries = Vec::new();
-    let set = src
-        .fetch_with_retry(&FAST, |e, wait| retries.push((e.kind(), wait)))
-        .await
-        .expect("fetch after throttling");
+    let set =
+        src.fetch_with_retry(&FAST, |e, wait| retries.push((e.kind(), wait))).await.expect("fetch after throttling");
     assert_eq!(set.len(), 3);
     assert_eq!(proxy.faults(), 6);
     assert!(!retries.is_empty() && retries.iter().all(|(k, _)| *k == "throttled"), "{retries:?}");
@@ -569,10 +567,7 @@ async fn kms_throttling_is_retried_until_the_fetch_succeeds() {
     );
     let src = source(&proxy.url(), None, &[&name]).await;
     let mut retries = Vec::new();
-    let set = src
-        .fetch_with_retry(&FAST, |e, _| retries.push(e.kind()))
-        .await
-        .expect("fetch after KMS throttling");
+    let set = src.fetch_with_retry(&FAST, |e, _| retries.push(e.kind())).await.expect("fetch after KMS throttling");
     assert_eq!(set.get("TOKEN").map(Secret::expose), Some("v"));
     assert_eq!(proxy.faults(), 6);
     assert!(!retries.is_empty() && retries.iter().all(|k| *k == "throttled"), "{retries:?}");
@@ -640,10 +635,7 @@ async fn a_changed_value_is_seen_within_one_interval_and_an_unchanged_set_is_sil
     let (a, b) = (format!("{p}/A"), format!("{p}/B"));
     seed(
         &moto,
-        &[
-            Op::Put { name: &a, kind: "SecureString", value: "a1" },
-            Op::Put { name: &b, kind: "String", value: "b1" },
-        ],
+        &[Op::Put { name: &a, kind: "SecureString", value: "a1" }, Op::Put { name: &b, kind: "String", value: "b1" }],
     );
     let src = source(&moto, Some(&p), &[]).await;
     let initial = src.fetch().await.unwrap();
@@ -802,9 +794,11 @@ fn trace_child() {
         let handle = spawn_refresh(src, Duration::from_millis(200), initial);
         let mut rx = handle.subscribe();
         let (param, new) = (var("BERTH_TRACE_PARAM"), var("BERTH_TRACE_NEW"));
-        tokio::task::spawn_blocking(move || seed(&moto, &[Op::Put { name: &param, kind: "SecureString", value: &new }]))
-            .await
-            .unwrap();
+        tokio::task::spawn_blocking(move || {
+            seed(&moto, &[Op::Put { name: &param, kind: "SecureString", value: &new }])
+        })
+        .await
+        .unwrap();
         if tokio::time::timeout(Duration::from_secs(15), rx.changed()).await.is_err() {
             panic!("no change seen; status: {:?}", handle.status());
         }

@@ -12,9 +12,9 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Mutex;
 use std::time::SystemTime;
 
+use ::http::{header::CONTENT_LENGTH, Method, Request, Response, StatusCode};
 use base64::prelude::{Engine, BASE64_URL_SAFE_NO_PAD};
 use bytes::Bytes;
-use ::http::{header::CONTENT_LENGTH, Method, Request, Response, StatusCode};
 use http_body_util::{BodyExt, Full};
 use hyper_util::client::legacy::connect::HttpConnector;
 use hyper_util::client::legacy::Client;
@@ -62,7 +62,8 @@ impl AriFront {
     async fn start(pebble: &Pebble, replaces: Replaces, stop: CancellationToken) -> Arc<AriFront> {
         let (_, cert, key, ca) = pebble_env().expect("pebble is configured");
         let provider = Arc::new(rustls::crypto::aws_lc_rs::default_provider());
-        let chain: Vec<CertificateDer<'static>> = CertificateDer::pem_file_iter(&cert).unwrap().map(Result::unwrap).collect();
+        let chain: Vec<CertificateDer<'static>> =
+            CertificateDer::pem_file_iter(&cert).unwrap().map(Result::unwrap).collect();
         let key = rustls::pki_types::PrivateKeyDer::from_pem_file(&key).unwrap();
         let mut tls = rustls::ServerConfig::builder_with_provider(provider.clone())
             .with_safe_default_protocol_versions()
@@ -81,11 +82,8 @@ impl AriFront {
             .unwrap()
             .with_root_certificates(roots)
             .with_no_client_auth();
-        let connector = hyper_rustls::HttpsConnectorBuilder::new()
-            .with_tls_config(to_pebble)
-            .https_only()
-            .enable_http1()
-            .build();
+        let connector =
+            hyper_rustls::HttpsConnectorBuilder::new().with_tls_config(to_pebble).https_only().enable_http1().build();
 
         let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
         let front = Arc::new(AriFront {
@@ -96,7 +94,14 @@ impl AriFront {
             replaces,
             refusal_due: AtomicBool::new(replaces == Replaces::RefusesOnce),
         });
-        tokio::spawn(server::serve(listener, Some(Arc::new(tls)), Limits::default(), front.clone(), stop, Duration::from_millis(100)));
+        tokio::spawn(server::serve(
+            listener,
+            Some(Arc::new(tls)),
+            Limits::default(),
+            front.clone(),
+            stop,
+            Duration::from_millis(100),
+        ));
         front
     }
 
@@ -130,7 +135,11 @@ impl AriFront {
 }
 
 impl server::Handler for AriFront {
-    async fn handle(&self, req: Request<hyper::body::Incoming>, _conn: &server::ConnInfo) -> Response<berth_proxy::Body> {
+    async fn handle(
+        &self,
+        req: Request<hyper::body::Incoming>,
+        _conn: &server::ConnInfo,
+    ) -> Response<berth_proxy::Body> {
         let path = req.uri().path().to_owned();
         if req.method() == Method::GET {
             if let Some(id) = path.strip_prefix("/renewal-info/") {
@@ -207,7 +216,10 @@ fn ari_id_of(cert: &CertificateDer<'_>) -> String {
 /// certificate's ARI window (already open) bring a renewal, and returns what the front saw,
 /// the two certificates' identifiers, how many orders reached Pebble, and the status after.
 /// `None` when Pebble is not set up (outside CI: skipped).
-async fn renew_in_the_ari_window(replaces: Replaces, domain: &str) -> Option<(Seen, String, String, usize, AcmeStatus)> {
+async fn renew_in_the_ari_window(
+    replaces: Replaces,
+    domain: &str,
+) -> Option<(Seen, String, String, usize, AcmeStatus)> {
     let mut pebble = Pebble::configure(None, Some(0))?;
     pebble.start();
     let stop = CancellationToken::new();
@@ -245,7 +257,9 @@ async fn renew_in_the_ari_window(replaces: Replaces, domain: &str) -> Option<(Se
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_renewal_in_the_ari_window_names_the_certificate_it_replaces() {
-    let Some((seen, first_id, second_id, pebble_orders, status)) = renew_in_the_ari_window(Replaces::Honours, "ari.berth.test").await else {
+    let Some((seen, first_id, second_id, pebble_orders, status)) =
+        renew_in_the_ari_window(Replaces::Honours, "ari.berth.test").await
+    else {
         return;
     };
     assert_eq!(seen.asked.first(), Some(&first_id), "berth asks the CA about the certificate it serves: {seen:?}");
@@ -266,7 +280,9 @@ async fn a_renewal_in_the_ari_window_names_the_certificate_it_replaces() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_ca_refusing_replaces_still_gets_the_renewal_ordered() {
-    let Some((seen, first_id, _, pebble_orders, status)) = renew_in_the_ari_window(Replaces::RefusesOnce, "ari-refused.berth.test").await else {
+    let Some((seen, first_id, _, pebble_orders, status)) =
+        renew_in_the_ari_window(Replaces::RefusesOnce, "ari-refused.berth.test").await
+    else {
         return;
     };
     // The order naming the old certificate is refused; berth orders again at once without
@@ -281,7 +297,9 @@ async fn a_ca_refusing_replaces_still_gets_the_renewal_ordered() {
 /// certificate would never have been renewed.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_ca_ignoring_replaces_still_gets_the_renewal_ordered() {
-    let Some((seen, first_id, _, pebble_orders, status)) = renew_in_the_ari_window(Replaces::Ignores, "ari-ignored.berth.test").await else {
+    let Some((seen, first_id, _, pebble_orders, status)) =
+        renew_in_the_ari_window(Replaces::Ignores, "ari-ignored.berth.test").await
+    else {
         return;
     };
     assert_eq!(seen.orders, vec![None, Some(first_id), None]);
