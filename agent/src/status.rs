@@ -345,6 +345,40 @@ pub fn render(r: &StatusReport) -> String {
         if let Some(basis) = tls.get("renewal_basis").and_then(|v| v.as_str()) {
             let _ = writeln!(w, "  next renewal: {basis}");
         }
+        if let Some(url) = tls.get("renewal_explanation").and_then(|v| v.as_str()) {
+            let _ = writeln!(w, "  the CA explains its renewal window: {url}");
+        }
     }
     out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_text_says_why_the_next_renewal_is_when_it_is() {
+        let report = |tls: serde_json::Value| StatusReport {
+            version: "test".into(),
+            uptime_seconds: 60,
+            healthy: true,
+            draining: false,
+            waiting_for: None,
+            apps: BTreeMap::new(),
+            secrets: None,
+            tls: Some(tls),
+            tls_mode: "acme".into(),
+            domains: vec!["app.example.com".into()],
+        };
+        let url = "https://ca.example/incidents/renew-early";
+        let text = render(&report(serde_json::json!({
+            "renewal_basis": "ari window",
+            "renewal_explanation": url,
+        })));
+        assert!(text.contains("next renewal: ari window"), "{text}");
+        assert!(text.contains(&format!("the CA explains its renewal window: {url}")), "{text}");
+
+        let text = render(&report(serde_json::json!({"renewal_basis": "two thirds of the lifetime"})));
+        assert!(!text.contains("explains"), "{text}");
+    }
 }

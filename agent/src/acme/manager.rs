@@ -73,6 +73,9 @@ struct Ari {
     retry_at: Option<Instant>,
 }
 
+/// The renewal basis when the CA's ARI window sets the time.
+const ARI_WINDOW: &str = "ari window";
+
 struct AriPlan {
     /// The certificate the plan is for.
     id: String,
@@ -81,6 +84,8 @@ struct AriPlan {
     /// independent clients does not renew in one burst.
     chosen: SystemTime,
     recheck_at: Instant,
+    /// The CA's `explanationURL` for this window, if it gave one.
+    explanation: Option<String>,
 }
 
 /// What an attempt ended with, when it did not fail.
@@ -226,9 +231,11 @@ impl Manager {
                 d = checked => d,
                 () = stop.cancelled() => return,
             };
+            let explanation = self.ari_explanation().filter(|_| basis == ARI_WINDOW);
             self.update(|s| {
                 s.next_renewal = Some(unix(due.max(SystemTime::now())));
                 s.renewal_basis = Some(basis.to_owned());
+                s.renewal_explanation = explanation;
             });
             let forced = !pending.is_empty();
             let backing_off = retry_at.is_some_and(|t| Instant::now() < t);
@@ -366,7 +373,7 @@ impl Manager {
         let (lifetime_due, not_after) = (cur.info.lifetime_renewal(), cur.info.not_after);
         match self.ari_due().await {
             // A CA window later than expiry would be a CA bug; never trust it past that.
-            Some(t) => (t.min(not_after), "ari window"),
+            Some(t) => (t.min(not_after), ARI_WINDOW),
             None => (lifetime_due, "two thirds of the lifetime"),
         }
     }
@@ -417,7 +424,15 @@ impl Manager {
                 let recheck = recheck.clamp(Duration::from_secs(60), Duration::from_secs(6 * 3600));
                 tracing::info!(domain = %self.label, window_start = %rfc3339(window.0), window_end = %rfc3339(window.1),
                     renew_at = %rfc3339(chosen), "ACME renewal window (ARI)");
-                self.ari.plan = Some(AriPlan { id, window, chosen, recheck_at: now + recheck });
+                let explained_before =
+                    self.ari.plan.as_ref().filter(|p| p.id == id).and_then(|p| p.explanation.as_ref());
+                if let Some(url) = info.explanation_url.as_ref().filter(|url| explained_before != Some(*url)) {
+                    // A CA explains a window when something moved it: worth an operator's look.
+                    tracing::warn!(domain = %self.label, explanation = %url, renew_at = %rfc3339(chosen),
+                        "the CA explains this certificate's renewal window");
+                }
+                let explanation = info.explanation_url;
+                self.ari.plan = Some(AriPlan { id, window, chosen, recheck_at: now + recheck, explanation });
                 self.ari.retry_at = None;
                 Some(chosen)
             }
@@ -559,6 +574,12 @@ impl Manager {
                 Err(_) => tracing::warn!(domain = %self.label, "releasing the ACME order lock timed out"),
             }
         }
+    }
+
+    /// The CA's explanation of the current certificate's ARI window, if it gave one.
+    fn ari_explanation(&self) -> Option<String> {
+        let id = self.current.as_ref()?.info.ari_id.as_ref()?;
+        self.ari.plan.as_ref().filter(|p| &p.id == id)?.explanation.clone()
     }
 
     /// ARI `replaces`: the identifier of the certificate being renewed, when the CA that

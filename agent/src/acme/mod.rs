@@ -164,6 +164,9 @@ pub struct AcmeStatus {
     pub next_renewal: Option<u64>,
     /// Why then: "ari window", "two thirds of the lifetime", "no certificate yet", ...
     pub renewal_basis: Option<String>,
+    /// With an ARI window: the page where the CA explains it (RFC 9773 `explanationURL`),
+    /// which CAs give when an incident (a mass revocation, say) moved the window.
+    pub renewal_explanation: Option<String>,
     pub last_order: Option<OrderResult>,
     /// `berth_acme_orders_total{result="ok"}` / `{result="error"}`.
     pub orders_ok: u64,
@@ -288,6 +291,7 @@ pub fn spawn(
         certificate: None,
         next_renewal: None,
         renewal_basis: None,
+        renewal_explanation: None,
         last_order: None,
         orders_ok: 0,
         orders_error: 0,

@@ -32,6 +32,9 @@ struct Seen {
     orders: Vec<Option<String>>,
 }
 
+/// The page the front says explains a later certificate's window.
+const EXPLANATION: &str = "https://ca.example/incidents/renew-early";
+
 /// What the CA in front does with a newOrder's `replaces`.
 #[derive(Clone, Copy, PartialEq, Eq, Debug)]
 enum Replaces {
@@ -114,7 +117,7 @@ impl AriFront {
     }
 
     /// The window for `id`: open (and already past its start) for the first certificate
-    /// anyone asks about, a month away for every later one.
+    /// anyone asks about, a month away for every later one, with [`EXPLANATION`].
     fn renewal_info(&self, id: &str) -> Response<berth_proxy::Body> {
         let mut seen = self.seen();
         let first = seen.asked.first().is_none_or(|f| f == id);
@@ -122,10 +125,13 @@ impl AriFront {
         let now = SystemTime::now();
         let hour = Duration::from_secs(3600);
         let (start, end) = if first { (now - 2 * hour, now - hour) } else { (now + 720 * hour, now + 744 * hour) };
-        let body = serde_json::json!({"suggestedWindow": {
+        let mut body = serde_json::json!({"suggestedWindow": {
             "start": humantime::format_rfc3339_seconds(start).to_string(),
             "end": humantime::format_rfc3339_seconds(end).to_string(),
         }});
+        if !first {
+            body["explanationURL"] = EXPLANATION.into();
+        }
         Response::builder()
             .header("content-type", "application/json")
             .header("retry-after", "60")
@@ -275,6 +281,8 @@ async fn a_renewal_in_the_ari_window_names_the_certificate_it_replaces() {
     let (now, next) = (unix(SystemTime::now()), status.next_renewal.unwrap());
     assert!((now + 30 * day - 60..=now + 31 * day).contains(&next), "next renewal {next}, now {now}: {status:?}");
     assert_eq!(status.renewal_basis.as_deref(), Some("ari window"));
+    // What `berth status` shows an operator about why the window is where it is.
+    assert_eq!(status.renewal_explanation.as_deref(), Some(EXPLANATION));
     assert_eq!(status.orders_error, 0);
 }
 
