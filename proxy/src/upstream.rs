@@ -11,15 +11,14 @@
 //! one to push it back when the response body is done.
 //!
 //! The pool also caps the connections to one container (`max_connections` per app, default
-//! [`DEFAULT_MAX_CONNS`]). Every connection
-//! serves one request at a time, so requests in flight are capped (a semaphore), and a
-//! request past the cap waits for a connection to come free instead of opening yet another
-//! one: an HTTP/2 client multiplexing hundreds of streams cannot make us open hundreds of
-//! sockets. Idle connections are kept per thread, so a thread that finds none of its own
-//! could still open one while other threads' sit idle; open connections are therefore
-//! counted too (a connection is reserved before it is opened, and counts until its socket is
-//! closed), and at the cap a request takes an idle connection from any thread, or waits for
-//! one being closed to go.
+//! [`DEFAULT_MAX_CONNS`]). Every connection serves one request at a time, so requests in
+//! flight are capped (a semaphore), and a request past the cap waits for a connection to
+//! come free instead of opening yet another one: an HTTP/2 client multiplexing hundreds of
+//! streams cannot make us open hundreds of sockets. Idle connections are kept per thread, so
+//! a thread that finds none of its own could still open one while other threads' sit idle;
+//! open connections are therefore counted too (a connection takes its place before it is
+//! opened and keeps it until its socket is closed), and at the cap a request takes an idle
+//! connection from any thread, or waits for one being closed to go.
 
 use std::net::SocketAddr;
 use std::pin::Pin;
