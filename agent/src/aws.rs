@@ -77,6 +77,13 @@ pub fn partition(region: &str) -> &'static str {
     }
 }
 
+/// Fixed credentials for tests: moto takes any, and none may come from the machine's own.
+#[cfg(test)]
+pub(crate) fn test_credentials() -> aws_sdk_ssm::config::SharedCredentialsProvider {
+    use aws_sdk_ssm::config::{Credentials, SharedCredentialsProvider};
+    SharedCredentialsProvider::new(Credentials::new("testing", "testing", None, None, "berth-tests"))
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -333,20 +333,13 @@ mod tests {
     /// berth's real SDK configuration pointed at `endpoint`, with static dummy keys (the
     /// default chain would end at IMDS, which no test may call).
     async fn sdk(endpoint: &str) -> SdkConfig {
-        use aws_sdk_ecr::config::{Credentials, SharedCredentialsProvider};
         crate::aws::sdk_config(&AwsConfig {
             region: Some(berth_tests::moto::REGION.into()),
             endpoint_url: Some(endpoint.into()),
         })
         .await
         .into_builder()
-        .credentials_provider(SharedCredentialsProvider::new(Credentials::new(
-            "testing",
-            "testing",
-            None,
-            None,
-            "berth-tests",
-        )))
+        .credentials_provider(crate::aws::test_credentials())
         .build()
     }
 
@@ -378,7 +371,6 @@ mod tests {
     async fn unreachable_endpoint_is_a_network_error_naming_it() {
         use aws_config::retry::RetryConfig;
         use aws_config::BehaviorVersion;
-        use aws_sdk_ecr::config::{Credentials, SharedCredentialsProvider};
         // Static keys (no env, which parallel tests share) and a closed port on loopback:
         // the call must fail on the network, at once, not for want of credentials.
         let sdk = SdkConfig::builder()
@@ -386,9 +378,7 @@ mod tests {
             .region(Region::new("eu-west-3"))
             .endpoint_url("http://127.0.0.1:1")
             .retry_config(RetryConfig::disabled())
-            .credentials_provider(SharedCredentialsProvider::new(Credentials::new(
-                "testing", "testing", None, None, "test",
-            )))
+            .credentials_provider(crate::aws::test_credentials())
             .build();
         let auth = EcrAuth::new(AwsConfig::default(), Some(sdk));
         let err = auth.credentials("127.0.0.1:5000").await.unwrap_err();

@@ -488,24 +488,13 @@ async fn self_signed_mode_has_nothing_to_renew() {
 // Fleet mode: moto for SSM.
 
 async fn moto_sdk() -> Option<aws_config::SdkConfig> {
-    use aws_sdk_ssm::config::{Credentials, SharedCredentialsProvider};
     let url = berth_tests::moto::moto_url()?;
     let real = crate::aws::sdk_config(&crate::config::AwsConfig {
         region: Some(berth_tests::moto::REGION.into()),
         endpoint_url: Some(url),
     })
     .await;
-    Some(
-        real.into_builder()
-            .credentials_provider(SharedCredentialsProvider::new(Credentials::new(
-                "testing",
-                "testing",
-                None,
-                None,
-                "berth-tests",
-            )))
-            .build(),
-    )
+    Some(real.into_builder().credentials_provider(crate::aws::test_credentials()).build())
 }
 
 /// A round-robin TCP "ALB" on `port` in front of `backends`, like the ALB in front of a fleet.
@@ -727,7 +716,6 @@ async fn black_hole(shutdown: CancellationToken) -> SocketAddr {
 
 #[tokio::test]
 async fn stop_is_prompt_while_ssm_and_the_ca_hang() {
-    use aws_sdk_ssm::config::{Credentials, SharedCredentialsProvider};
     let hang = CancellationToken::new();
     let addr = black_hole(hang.clone()).await;
     let dir = TestDir::new();
@@ -737,13 +725,7 @@ async fn stop_is_prompt_while_ssm_and_the_ca_hang() {
     })
     .await
     .into_builder()
-    .credentials_provider(SharedCredentialsProvider::new(Credentials::new(
-        "testing",
-        "testing",
-        None,
-        None,
-        "berth-tests",
-    )))
+    .credentials_provider(crate::aws::test_credentials())
     .build();
     let setup = AcmeSetup {
         tls: TlsConfig {

@@ -6,7 +6,6 @@ use std::collections::BTreeMap;
 use std::time::{Duration, Instant};
 
 use aws_config::retry::RetryConfig;
-use aws_sdk_ssm::config::{Credentials, SharedCredentialsProvider};
 use berth_tests::faultproxy::{Fault, FaultProxy};
 use berth_tests::moto::{moto_url, random_token, seed, unique_prefix, Op, REGION};
 
@@ -25,13 +24,7 @@ async fn sdk(endpoint: &str) -> SdkConfig {
         crate::aws::sdk_config(&AwsConfig { region: Some(REGION.into()), endpoint_url: Some(endpoint.into()) }).await;
     let retry = real.retry_config().unwrap().clone();
     real.into_builder()
-        .credentials_provider(SharedCredentialsProvider::new(Credentials::new(
-            "testing",
-            "testing",
-            None,
-            None,
-            "berth-tests",
-        )))
+        .credentials_provider(crate::aws::test_credentials())
         .retry_config(
             RetryConfig::adaptive()
                 .with_max_attempts(retry.max_attempts())
