@@ -24,7 +24,7 @@ use prometheus_client::metrics::gauge::ConstGauge;
 use prometheus_client::metrics::histogram::Histogram;
 use prometheus_client::registry::Registry;
 
-use crate::status::Live;
+use crate::status::{ConnectionsReport, Live};
 
 type RequestLabels = [(&'static str, String); 2];
 type AppLabel = [(&'static str, String); 1];
@@ -155,6 +155,9 @@ impl std::fmt::Debug for StateCollector {
     }
 }
 
+/// One number from an app's connections report, for a gauge per app.
+type ReportField = fn(&ConnectionsReport) -> usize;
+
 impl Collector for StateCollector {
     fn encode(&self, mut encoder: DescriptorEncoder) -> Result<(), std::fmt::Error> {
         let unhealthy = self.live.health.unhealthy();
@@ -186,32 +189,20 @@ impl Collector for StateCollector {
             ConstGauge::new(c.open as i64).encode(m.encode_family(&[("app", name.as_str()), ("state", "open")])?)?;
             ConstGauge::new(c.idle as i64).encode(m.encode_family(&[("app", name.as_str()), ("state", "idle")])?)?;
         }
-        let mut m = encoder.encode_descriptor(
-            "berth_app_max_connections",
-            "The app's max_connections",
-            None,
-            g.metric_type(),
-        )?;
-        for (name, c) in &conns {
-            ConstGauge::new(c.max as i64).encode(m.encode_family(&[("app", name.as_str())])?)?;
-        }
-        let mut m = encoder.encode_descriptor(
-            "berth_app_requests_waiting",
-            "Requests waiting for a connection to the app because max_connections are busy",
-            None,
-            g.metric_type(),
-        )?;
-        for (name, c) in &conns {
-            ConstGauge::new(c.waiting as i64).encode(m.encode_family(&[("app", name.as_str())])?)?;
-        }
-        let mut m = encoder.encode_descriptor(
-            "berth_app_requests_in_flight",
-            "Requests being forwarded to the app",
-            None,
-            g.metric_type(),
-        )?;
-        for (name, c) in &conns {
-            ConstGauge::new(c.in_flight as i64).encode(m.encode_family(&[("app", name.as_str())])?)?;
+        let per_app: [(&str, &str, ReportField); 3] = [
+            ("berth_app_max_connections", "The app's max_connections", |c| c.max),
+            (
+                "berth_app_requests_waiting",
+                "Requests waiting for a connection to the app because max_connections are busy",
+                |c| c.waiting,
+            ),
+            ("berth_app_requests_in_flight", "Requests being forwarded to the app", |c| c.in_flight),
+        ];
+        for (metric, help, value) in per_app {
+            let mut m = encoder.encode_descriptor(metric, help, None, g.metric_type())?;
+            for (name, c) in &conns {
+                ConstGauge::new(value(c) as i64).encode(m.encode_family(&[("app", name.as_str())])?)?;
+            }
         }
 
         let c = ConstCounter::new(0u64);

@@ -617,7 +617,9 @@ mod tests {
     use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
     /// A keep-alive app on a free port: `200 ok` to every request, and `204` with no body to
-    /// `/empty`.
+    /// `/empty`. In-process rather than the test app: these tests poll the pool by hand to
+    /// stop between a connection being dropped and its task closing it, a moment no client
+    /// outside the process can hold still.
     async fn app() -> SocketAddr {
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
         let addr = listener.local_addr().unwrap();
