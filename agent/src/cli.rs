@@ -49,8 +49,9 @@ pub enum Command {
         #[arg(long)]
         online: bool,
     },
-    /// Ask the running daemon for apps, containers, image digests, health, certificate
-    /// expiry and the last secrets refresh. Exits 69 if no daemon answers.
+    /// Ask the running daemon for apps, containers, image digests, health, connections to
+    /// each app, certificate expiry and next renewal, and the last secrets refresh. Exits 69
+    /// if no daemon answers.
     Status {
         #[command(flatten)]
         config: ConfigArg,
