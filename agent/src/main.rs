@@ -73,17 +73,15 @@ fn check(path: &std::path::Path, online: bool) -> ExitCode {
         }
     };
     let failures = rt.block_on(async {
-        let mut failures = 0;
         println!("\nonline checks");
-        match secrets::online_check(&cfg).await {
-            Ok(line) => println!("  {line}"),
-            Err(e) => {
-                eprintln!("berth: {e:#}");
-                failures += 1;
-            }
-        }
+        let mut results = vec![secrets::online_check(&cfg).await];
+        results.extend(acme::online_check(&cfg).await);
         if !cfg.apps.is_empty() {
-            match supervisor::online_check().await {
+            results.push(supervisor::online_check().await);
+        }
+        let mut failures = 0;
+        for result in results {
+            match result {
                 Ok(line) => println!("  {line}"),
                 Err(e) => {
                     eprintln!("berth: {e:#}");

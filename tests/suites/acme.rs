@@ -655,3 +655,68 @@ fn reload_with_a_new_domain_orders_for_it_without_restarting_the_app() {
     assert_eq!(pebble.orders(), 2, "an unchanged name set is not ordered again:\n{}", berth.logs());
     stop(&mut berth);
 }
+
+/// `berth check --online -c <config>`: (exit code, stdout, stderr).
+fn check_online(dir: &TestDir, ports: Ports, tls: &str) -> (Option<i32>, String, String) {
+    let config = dir.write("berth.toml", &config_toml(dir, ports, "0s", "5s", tls));
+    let mut cmd = Command::new(berth_tests::berth_bin());
+    aws_env(&mut cmd).args(["check", "--online", "-c"]).arg(&config);
+    let out = cmd.output().expect("run berth check --online");
+    (
+        out.status.code(),
+        String::from_utf8_lossy(&out.stdout).into_owned(),
+        String::from_utf8_lossy(&out.stderr).into_owned(),
+    )
+}
+
+#[test]
+fn check_online_reaches_the_acme_directory_without_ordering() {
+    let _one = one_at_a_time();
+    let ports = Ports::pick();
+    let Some(mut pebble) = Pebble::configure(ports.http, None, Some(0)) else { return };
+    pebble.start();
+    let dir = TestDir::new();
+    let (code, stdout, stderr) = check_online(&dir, ports, &pebble.tls_toml(&["www.berth.test"], ""));
+    assert_eq!(code, Some(0), "{stdout}{stderr}");
+    let line = format!("acme: the directory at {} answers in", pebble.directory());
+    assert!(stdout.contains(&line), "no {line:?} in:\n{stdout}{stderr}");
+    assert!(stdout.contains("ARI renewal windows"), "{stdout}");
+    // Only the directory: no account, no order, nothing written.
+    assert_eq!(pebble.orders(), 0);
+    let log = fs::read_to_string(pebble.log_path()).unwrap_or_default();
+    assert!(!log.contains("new-acct"), "the check created an account:\n{log}");
+    assert!(!dir.path().join("state/acme/account.json").exists());
+}
+
+#[test]
+fn check_online_names_the_acme_directory_it_cannot_use() {
+    let _one = one_at_a_time();
+    let ports = Ports::pick();
+    let Some(mut pebble) = Pebble::configure(ports.http, None, Some(0)) else { return };
+    pebble.start();
+    let dir = TestDir::new();
+    let good = pebble.directory();
+
+    // Nothing listening there: the operator sees the key, the URL and why.
+    let nobody = format!("https://127.0.0.1:{}/dir", free_port());
+    let tls = pebble.tls_toml(&["www.berth.test"], "").replace(&good, &nobody);
+    let (code, stdout, stderr) = check_online(&dir, ports, &tls);
+    assert_eq!(code, Some(69), "{stdout}{stderr}");
+    assert!(stderr.contains(&format!("acme: tls.acme.directory {nobody}")), "{stderr}");
+    assert!(stderr.to_lowercase().contains("connect"), "says it could not connect: {stderr}");
+
+    // A server that answers, but not with a directory (a wrong path).
+    let wrong = good.replace("/dir", "/no-such-directory");
+    let tls = pebble.tls_toml(&["www.berth.test"], "").replace(&good, &wrong);
+    let (code, stdout, stderr) = check_online(&dir, ports, &tls);
+    assert_eq!(code, Some(69), "{stdout}{stderr}");
+    assert!(stderr.contains(&format!("acme: tls.acme.directory {wrong}: answered 404")), "{stderr}");
+
+    // Without Pebble's root in ca_bundle its certificate is not trusted, as berth run would find.
+    let tls = pebble.tls_toml(&["www.berth.test"], "").replace(&format!("ca_bundle = \"{}\"\n", pebble.env.ca), "");
+    assert!(!tls.contains("ca_bundle"), "{tls}");
+    let (code, stdout, stderr) = check_online(&dir, ports, &tls);
+    assert_eq!(code, Some(69), "{stdout}{stderr}");
+    assert!(stderr.contains(&format!("acme: tls.acme.directory {good}")), "{stderr}");
+    assert!(stderr.to_lowercase().contains("certificate"), "says the certificate is the problem: {stderr}");
+}

@@ -100,6 +100,21 @@ impl AcmeHttp {
         let client = Client::builder(TokioExecutor::new()).build(connector);
         Ok(AcmeHttp { client, retry_after })
     }
+
+    /// A plain GET (the directory, for `berth check --online`), within the same timeouts as
+    /// the requests instant-acme makes.
+    pub(crate) async fn get(&self, url: &str) -> anyhow::Result<(http::StatusCode, Bytes)> {
+        let req = http::Request::get(url).body(BodyWrapper::default()).context("not a URL")?;
+        let exchange = async {
+            let rsp = self.client.request(req).await?;
+            let status = rsp.status();
+            let body = rsp.into_body().collect().await?.to_bytes();
+            Ok::<_, anyhow::Error>((status, body))
+        };
+        tokio::time::timeout(REQUEST_TIMEOUT, exchange)
+            .await
+            .map_err(|_| anyhow::anyhow!("no answer within {REQUEST_TIMEOUT:?}"))?
+    }
 }
 
 impl HttpClient for AcmeHttp {

@@ -74,6 +74,36 @@ impl AcmeSetup {
     }
 }
 
+/// `berth check --online`: does the ACME directory answer, through the same client (system
+/// roots plus `tls.acme.ca_bundle`) the certificate task will use? `None` unless `tls.mode` is
+/// acme. Only the directory is fetched: no account is created and no order placed, so the
+/// check is free to run on every instance at boot and never counts against a rate limit.
+pub async fn online_check(config: &Config) -> Option<anyhow::Result<String>> {
+    if config.tls.mode != TlsMode::Acme {
+        return None;
+    }
+    let acme = config.acme();
+    let url = acme.directory.as_str();
+    let check = async {
+        let client = http::AcmeHttp::new(acme.ca_bundle.as_deref(), http::RetryAfter::default())?;
+        let start = std::time::Instant::now();
+        let (status, body) = client.get(url).await?;
+        let ms = start.elapsed().as_millis();
+        anyhow::ensure!(status.is_success(), "answered {status}");
+        let dir: serde_json::Value = serde_json::from_slice(&body).map_err(|e| anyhow::anyhow!("not JSON: {e}"))?;
+        let missing: Vec<&str> =
+            ["newNonce", "newAccount", "newOrder"].into_iter().filter(|k| !dir[*k].is_string()).collect();
+        anyhow::ensure!(missing.is_empty(), "not an ACME directory (no {})", missing.join(", "));
+        let ari = if dir["renewalInfo"].is_string() { "offers" } else { "does not offer" };
+        let mut line = format!("acme: the directory at {url} answers in {ms} ms; the CA {ari} ARI renewal windows");
+        if let Some(terms) = dir["meta"]["termsOfService"].as_str() {
+            line.push_str(&format!("\n  terms of service (agreed to when berth creates its account): {terms}"));
+        }
+        Ok(line)
+    };
+    Some(check.await.map_err(|e: anyhow::Error| e.context(format!("acme: tls.acme.directory {url}"))))
+}
+
 /// Intervals the tests shorten; the defaults are what production runs with.
 #[derive(Debug, Clone)]
 pub(crate) struct Timing {
