@@ -343,13 +343,29 @@ pub fn render(r: &StatusReport) -> String {
             let _ = writeln!(w, "  waiting for: {wait}");
         }
         if let Some(basis) = tls.get("renewal_basis").and_then(|v| v.as_str()) {
-            let _ = writeln!(w, "  next renewal: {basis}");
+            let when = tls.get("next_renewal").and_then(|v| v.as_u64()).map(|t| {
+                let at = UNIX_EPOCH + std::time::Duration::from_secs(t);
+                let left = at.duration_since(SystemTime::now()).unwrap_or_default();
+                format!("in {} ({}), ", days_hours(left), humantime::format_rfc3339_seconds(at))
+            });
+            let _ = writeln!(w, "  next renewal: {}{basis}", when.unwrap_or_default());
         }
         if let Some(url) = tls.get("renewal_explanation").and_then(|v| v.as_str()) {
             let _ = writeln!(w, "  the CA explains its renewal window: {url}");
         }
     }
     out
+}
+
+/// A wait as an operator reads it at a glance: `29d 23h`, `5h 3m`, `4m`, or `now`.
+fn days_hours(d: std::time::Duration) -> String {
+    let m = d.as_secs() / 60;
+    match (m / 1440, m / 60 % 24, m % 60) {
+        (0, 0, 0) => "now".into(),
+        (0, 0, min) => format!("{min}m"),
+        (0, h, min) => format!("{h}h {min}m"),
+        (days, h, _) => format!("{days}d {h}h"),
+    }
 }
 
 #[cfg(test)]
@@ -371,14 +387,28 @@ mod tests {
             domains: vec!["app.example.com".into()],
         };
         let url = "https://ca.example/incidents/renew-early";
+        // 2 days, 3 hours and a few seconds from now (the seconds absorb the test's own time).
+        let due = SystemTime::now().duration_since(UNIX_EPOCH).unwrap().as_secs() + 2 * 86400 + 3 * 3600 + 30;
         let text = render(&report(serde_json::json!({
             "renewal_basis": "ari window",
+            "next_renewal": due,
             "renewal_explanation": url,
         })));
-        assert!(text.contains("next renewal: ari window"), "{text}");
+        let at = humantime::format_rfc3339_seconds(UNIX_EPOCH + std::time::Duration::from_secs(due));
+        assert!(text.contains(&format!("next renewal: in 2d 3h ({at}), ari window")), "{text}");
         assert!(text.contains(&format!("the CA explains its renewal window: {url}")), "{text}");
 
         let text = render(&report(serde_json::json!({"renewal_basis": "two thirds of the lifetime"})));
         assert!(!text.contains("explains"), "{text}");
+    }
+
+    #[test]
+    fn waits_read_in_days_and_hours_or_less() {
+        let d = |s| days_hours(std::time::Duration::from_secs(s));
+        assert_eq!(d(0), "now");
+        assert_eq!(d(59), "now");
+        assert_eq!(d(4 * 60 + 5), "4m");
+        assert_eq!(d(5 * 3600 + 3 * 60), "5h 3m");
+        assert_eq!(d(29 * 86400 + 23 * 3600 + 59 * 60), "29d 23h");
     }
 }
