@@ -12,8 +12,8 @@
 //!   refresh loop switches source and fetches at once; a changed set reaches the app through
 //!   `on_change`, like any refresh.
 //!
-//! What cannot change without new sockets or files (`[agent]`, listen addresses) is logged
-//! as needing a restart, not silently ignored.
+//! What is fixed when the daemon starts (`[agent]`, listen addresses, the health path, the
+//! access log) is logged as needing a restart, not silently ignored.
 
 use std::sync::Arc;
 
@@ -48,8 +48,15 @@ pub fn reload(path: &std::path::Path, live: &Live, router: &Router) {
     if new.agent != old.agent {
         needs_restart.push("[agent]");
     }
-    if new.http.listen != old.http.listen || new.http.health_path != old.http.health_path || new.https != old.https {
+    if new.http.listen != old.http.listen || new.https != old.https {
         needs_restart.push("listeners");
+    }
+    // Both are handed to the proxy's handlers when they are built at start.
+    if new.http.health_path != old.http.health_path {
+        needs_restart.push("[http] health_path");
+    }
+    if new.http.access_log != old.http.access_log || new.http.access_log_sample != old.http.access_log_sample {
+        needs_restart.push("[http] access_log");
     }
     if tls_changed(&old, &new) {
         applied.push("[tls]");

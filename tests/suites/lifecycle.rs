@@ -195,3 +195,27 @@ fn sighup_does_not_kill_the_daemon() {
     assert!(berth.child.try_wait().unwrap().is_none(), "SIGHUP killed berth\n{}", berth.logs());
     assert_eq!(health(ports.http).0, 200);
 }
+
+#[test]
+fn a_reload_names_what_only_a_restart_applies() {
+    let dir = TestDir::new();
+    let ports = Ports::pick();
+    let original = config_toml(&dir, ports, "0s", "1s", "");
+    let cfg = dir.write("berth.toml", &original);
+    let mut berth = Berth::spawn(Berth::command(&cfg), &dir);
+    wait_for("listener", Duration::from_secs(10), || (health(ports.http).0 == 200).then_some(()));
+
+    let listen = format!("[http]\nlisten = \"127.0.0.1:{}\"\n", ports.http);
+    assert!(original.contains(&listen), "{original}");
+    let edited = original.replace(&listen, &format!("{listen}health_path = \"/healthz\"\naccess_log = \"all\"\n"));
+    dir.write("berth.toml", &edited);
+    berth.signal("HUP");
+    let line = wait_for("the reload's log line", Duration::from_secs(10), || {
+        berth.logs().lines().find(|l| l.contains("restart_needed_for")).map(str::to_owned)
+    });
+    assert!(line.contains("[http] health_path"), "{line}");
+    assert!(line.contains("[http] access_log"), "{line}");
+    assert!(!line.contains("listeners"), "the listen addresses did not change: {line}");
+    // Not applied, as the log says: the old health path still answers.
+    assert_eq!(health(ports.http).0, 200);
+}
