@@ -1,4 +1,5 @@
-//! `/metrics` in the Prometheus text format, with prometheus-client doing the encoding.
+//! `/metrics` in the OpenMetrics text format (which Prometheus scrapes as is), with
+//! prometheus-client doing the encoding.
 //!
 //! Two kinds of metric live here:
 //! - request metrics, updated on the hot path by the proxy through [`RequestMetrics`]
