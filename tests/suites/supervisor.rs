@@ -275,8 +275,10 @@ fn secrets_change_rolls_out_under_load_with_zero_failed_requests() {
     let before = app.containers(true);
     assert_eq!(before.len(), 1);
 
+    const LOAD_SECS: u32 = 10;
     let url = format!("https://127.0.0.1:{}/", ports.https);
-    let run = load(&url, 8, 8);
+    let load_started = Instant::now();
+    let run = load(&url, LOAD_SECS, 8);
     std::thread::sleep(Duration::from_secs(1));
     let changed_at = Instant::now();
     ssm_put(&format!("{p}release"), "two");
@@ -285,6 +287,12 @@ fn secrets_change_rolls_out_under_load_with_zero_failed_requests() {
         (now.len() == 1 && now != before).then(|| now[0].clone())
     });
     let took = changed_at.elapsed();
+    // Zero failures only mean something if the switch happened under the load.
+    let done_after = load_started.elapsed();
+    assert!(
+        done_after < Duration::from_secs(u64::from(LOAD_SECS) - 1),
+        "the rollout must finish while the load runs ({LOAD_SECS} s); it finished after {done_after:?}"
+    );
     let result = run.join().unwrap();
     assert!(result.requests > 500, "the load must be real: {result:?}");
     assert_eq!(result.failures, 0, "zero failed requests during the rollout: {result:?}\n{}", berth.logs());
@@ -309,12 +317,19 @@ fn a_rollout_that_never_gets_healthy_keeps_the_old_container() {
     wait_healthy(ports, &berth);
     let old = app.containers(true);
 
-    let run = load(&format!("https://127.0.0.1:{}/", ports.https), 9, 8);
+    const LOAD_SECS: u32 = 12;
+    let load_started = Instant::now();
+    let run = load(&format!("https://127.0.0.1:{}/", ports.https), LOAD_SECS, 8);
     std::thread::sleep(Duration::from_millis(500));
     ssm_put(&format!("{p}health_fail"), "1");
     wait_for("the failed rollout", Duration::from_secs(20), || {
         berth.logs().contains("never became healthy").then_some(())
     });
+    let failed_after = load_started.elapsed();
+    assert!(
+        failed_after < Duration::from_secs(u64::from(LOAD_SECS) - 1),
+        "the failed rollout must be over while the load runs ({LOAD_SECS} s); it ended after {failed_after:?}"
+    );
     let result = run.join().unwrap();
     assert_eq!(result.failures, 0, "{result:?}\n{}", berth.logs());
     assert!(result.requests > 500, "{result:?}");
