@@ -230,8 +230,8 @@ fn first_certificate_verifies_and_a_restart_reuses_it_without_ordering() {
     assert!(verifies(ports.https, "api.berth.test", &root), "one certificate for every domain");
     let (serial, issuer) = served(ports.https, "api.berth.test").unwrap();
     assert!(issuer.contains("Pebble"), "{issuer}");
-    assert_eq!(pebble.orders(), 1);
-    assert_eq!(orders_in_log(&berth), 1);
+    assert_eq!(pebble.orders(), 1, "orders Pebble received\n{}", berth.logs());
+    assert_eq!(orders_in_log(&berth), 1, "orders berth placed\n{}", berth.logs());
 
     // The account, chain and key are private files in state_dir.
     for f in ["account.json", "cert.pem", "key.pem"] {

@@ -135,12 +135,14 @@ fn metrics_status_and_deploy() {
     let (code, out, err) = berth_cmd(&["deploy", &app.name, "--image", "berth-testapp:v2"], &cfg);
     assert_eq!(code, 0, "{out}{err}\n{}", berth.logs());
     assert!(out.contains("now serving container"), "{out}");
-    assert!(curl(&["-k", &format!("https://127.0.0.1:{}/", ports.https)]).1.starts_with("testapp v2 "));
+    let served = curl(&["-k", &format!("https://127.0.0.1:{}/", ports.https)]);
+    assert!(served.1.starts_with("testapp v2 "), "{served:?}\n{}", berth.logs());
     // A deploy that cannot work: exit 1, and the current container keeps serving.
     let (code, _, err) = berth_cmd(&["deploy", &app.name, "--image", "berth-testapp:does-not-exist"], &cfg);
     assert_eq!(code, 1, "{err}");
     assert!(err.contains("rollout failed"), "{err}");
-    assert!(curl(&["-k", &format!("https://127.0.0.1:{}/", ports.https)]).1.starts_with("testapp v2 "));
+    let served = curl(&["-k", &format!("https://127.0.0.1:{}/", ports.https)]);
+    assert!(served.1.starts_with("testapp v2 "), "{served:?}\n{}", berth.logs());
     let (code, _, err) = berth_cmd(&["deploy", "no-such-app"], &cfg);
     assert_eq!(code, 1);
     assert!(err.contains("no app named no-such-app"), "{err}");

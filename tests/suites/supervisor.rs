@@ -411,7 +411,8 @@ fn reload_rolls_out_a_new_image_and_rejects_an_invalid_config() {
     let cfg = dir.write("berth.toml", &v1);
     let berth = spawn(&cfg, &dir);
     wait_healthy(ports, &berth);
-    assert!(get(ports, "/").1.starts_with("testapp v1 "));
+    let served = get(ports, "/");
+    assert!(served.1.starts_with("testapp v1 "), "{served:?}\n{}", berth.logs());
 
     // A new image in the config: `systemctl reload` rolls it out.
     let v2 = v1.replace(&env("BERTH_TEST_APP_IMAGE"), "berth-testapp:v2");
@@ -431,7 +432,8 @@ fn reload_rolls_out_a_new_image_and_rejects_an_invalid_config() {
     berth.signal("HUP");
     wait_for("the rejection", Duration::from_secs(5), || berth.logs().contains("reload rejected").then_some(()));
     assert!(berth.logs().contains("apps.") && berth.logs().contains("between 1 and 65535"), "{}", berth.logs());
-    assert!(get(ports, "/").1.starts_with("testapp v2 "));
+    let served = get(ports, "/");
+    assert!(served.1.starts_with("testapp v2 "), "{served:?}\n{}", berth.logs());
     assert_eq!(health(ports).0, 200);
 }
 
