@@ -634,8 +634,11 @@ async fn put_lock(sdk: &aws_config::SdkConfig, prefix: &str, holder: &str, expir
 async fn two_takeovers_of_one_stale_lock_leave_one_holder() {
     let Some(sdk) = moto_sdk().await else { return };
     let prefix = berth_tests::moto::unique_prefix("acme-lock-race");
-    let a = fleet::Fleet::new(&sdk, &prefix, SETTLE);
-    let b = fleet::Fleet::new(&sdk, &prefix, SETTLE);
+    // The first half needs both takeovers to land within the settle time of their reads:
+    // a few moto calls, which a loaded test machine can stretch past SETTLE.
+    let patient = Duration::from_secs(3);
+    let a = fleet::Fleet::new(&sdk, &prefix, patient);
+    let b = fleet::Fleet::new(&sdk, &prefix, patient);
     let ttl = Duration::from_secs(60);
     put_lock(&sdk, &prefix, "dead-instance", 1).await;
 
@@ -656,6 +659,7 @@ async fn two_takeovers_of_one_stale_lock_leave_one_holder() {
 
     // A takeover that lands later than the settle time after its read may have clobbered a
     // lock its holder already confirmed: it must not count, and must keep others out.
+    let (a, b) = (fleet::Fleet::new(&sdk, &prefix, SETTLE), fleet::Fleet::new(&sdk, &prefix, SETTLE));
     put_lock(&sdk, &prefix, "dead-instance", 1).await;
     let seen_b = b.observe_lock().await.unwrap();
     assert_eq!(a.try_lock(ttl).await.unwrap(), fleet::Lock::Acquired);
