@@ -258,7 +258,9 @@ fn first_certificate_verifies_and_a_restart_reuses_it_without_ordering() {
         verifies(ports.https, "www.berth.test", &root).then_some(())
     });
     assert_eq!(served(ports.https, "www.berth.test").unwrap().0, serial);
-    std::thread::sleep(Duration::from_secs(3));
+    wait_for("the decision not to order", Duration::from_secs(10), || {
+        again.logs().contains("next renewal scheduled").then_some(())
+    });
     assert_eq!(pebble.orders(), 1, "a restart must not order again:\n{}", again.logs());
     assert_eq!(orders_in_log(&again), 0);
     assert_eq!(
@@ -570,8 +572,10 @@ fn a_fleet_orders_one_certificate_and_every_instance_serves_it() {
         verifies(ports[3].https, domain, &root).then_some(())
     });
     assert_eq!(served(ports[3].https, domain).unwrap().0, serials[0]);
-    std::thread::sleep(Duration::from_secs(2));
-    assert_eq!(pebble.orders(), 1);
+    wait_for("the decision not to order", Duration::from_secs(10), || {
+        late.logs().contains("next renewal scheduled").then_some(())
+    });
+    assert_eq!(pebble.orders(), 1, "{}", late.logs());
     assert_eq!(orders_in_log(&late), 0);
     assert!(late.logs().contains("source=Fleet"), "{}", late.logs());
     stop(&mut late);

@@ -210,6 +210,7 @@ impl Manager {
         }
         let mut retry_at: Option<Instant> = None;
         let mut pending: Vec<RenewRequest> = Vec::new();
+        let mut logged_plan: Option<(SystemTime, &'static str)> = None;
         loop {
             if self.setups.has_changed().unwrap_or(false) {
                 let reset = tokio::select! {
@@ -292,6 +293,13 @@ impl Manager {
                     let _ = r.reply.send(reply.clone());
                 }
                 continue;
+            }
+
+            // Nothing to order now: the journal says when the next renewal is, once per change
+            // of plan (the loop wakes at least hourly, which would otherwise repeat it).
+            if !backing_off && logged_plan != Some((due, basis)) {
+                logged_plan = Some((due, basis));
+                tracing::info!(domain = %self.label, next_renewal = %rfc3339(due), basis, "certificate in place; next renewal scheduled");
             }
 
             // Sleep until the renewal is due and any backoff has passed, but wake for SSM

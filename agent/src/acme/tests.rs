@@ -246,6 +246,13 @@ fn ordered_cert(handle: &AcmeHandle) -> Option<CertificateStatus> {
     handle.status().certificate
 }
 
+/// `Some` once the task has decided its certificate needs nothing now: it publishes the next
+/// renewal before it acts on it, and one more than a minute away means it goes to sleep.
+fn not_due(handle: &AcmeHandle) -> Option<()> {
+    let soonest = SystemTime::now().duration_since(UNIX_EPOCH).unwrap().as_secs() + 60;
+    handle.status().next_renewal.filter(|&t| t > soonest).map(|_| ())
+}
+
 // ---------------------------------------------------------------------------------------
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -305,7 +312,7 @@ async fn orders_stores_and_reuses_after_restart() {
     assert_eq!(again.source, CertSource::StateDir);
     assert_eq!(again.info.serial, cert.info.serial);
     verify_served(&certs2, "one.berth.test", root);
-    tokio::time::sleep(Duration::from_secs(2)).await;
+    wait_until("the decision not to order", Duration::from_secs(10), || not_due(&handle2)).await;
     assert_eq!(handle2.status().orders_ok, 0);
     assert_eq!(pebble.orders(), 1, "a restart must not order again");
     // The account was reused too: exactly one newAccount ever.
@@ -577,7 +584,7 @@ async fn fleet_orders_once_and_shares() {
         wait_until("the late instance to load the certificate", Duration::from_secs(20), || ordered_cert(&late)).await;
     assert_eq!(c.source, CertSource::Fleet);
     assert_eq!(c.info.serial, serials[0]);
-    tokio::time::sleep(Duration::from_secs(2)).await;
+    wait_until("the decision not to order", Duration::from_secs(10), || not_due(&late)).await;
     assert_eq!(pebble.orders(), 1);
     assert_eq!(late.status().orders_ok, 0);
     stop.cancel();
