@@ -101,19 +101,13 @@ impl AcmeHttp {
         Ok(AcmeHttp { client, retry_after })
     }
 
-    /// A plain GET (the directory, for `berth check --online`), within the same timeouts as
-    /// the requests instant-acme makes.
+    /// A plain GET (the directory, for `berth check --online`), through the same path as the
+    /// requests instant-acme makes: same timeouts, same handling of what the CA answers.
     pub(crate) async fn get(&self, url: &str) -> anyhow::Result<(http::StatusCode, Bytes)> {
         let req = http::Request::get(url).body(BodyWrapper::default()).context("not a URL")?;
-        let exchange = async {
-            let rsp = self.client.request(req).await?;
-            let status = rsp.status();
-            let body = rsp.into_body().collect().await?.to_bytes();
-            Ok::<_, anyhow::Error>((status, body))
-        };
-        tokio::time::timeout(REQUEST_TIMEOUT, exchange)
-            .await
-            .map_err(|_| anyhow::anyhow!("no answer within {REQUEST_TIMEOUT:?}"))?
+        let mut rsp = self.request(req).await?;
+        let body = rsp.body.into_bytes().await.map_err(|e| anyhow::anyhow!(e))?;
+        Ok((rsp.parts.status, body))
     }
 }
 
